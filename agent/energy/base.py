@@ -1,0 +1,72 @@
+"""Energy meter interface.
+
+A meter measures the energy of a window of work: `start()` returns an opaque mark,
+`stop(mark)` returns an `EnergyRecord` for the time in between. Unknown energy is
+`None`, never 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# How a record's joules were obtained.
+METHOD_COUNTER = "counter"          # difference of a hardware energy counter
+METHOD_INTEGRATED = "integrated"    # power samples integrated over time
+METHOD_ESTIMATED = "estimated"      # a user-configured model, not a measurement
+METHOD_NONE = "none"                # no meter: joules is None
+
+
+@dataclass(frozen=True)
+class EnergyRecord:
+    """Energy of one window of work."""
+
+    joules: float | None
+    seconds: float
+    meter: str
+    method: str
+    rails: tuple[str, ...] = ()
+    # True when the window is shorter than the meter's update interval, so the
+    # number rests on fewer than two fresh readings.
+    below_resolution: bool = False
+    note: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        record = asdict(self)
+        record["rails"] = list(self.rails)
+        return record
+
+
+class EnergyMeter:
+    """Base class: subclasses set `name` and `update_interval_s` and implement the window."""
+
+    name = "none"
+    method = METHOD_NONE
+    update_interval_s = 0.0
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self, mark: Any) -> EnergyRecord:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the meter's resources (threads, subprocesses, handles)."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "method": self.method, "update_interval_s": self.update_interval_s}
+
+
+class NoneMeter(EnergyMeter):
+    """No energy measurement: every record has joules None."""
+
+    name = "none"
+    method = METHOD_NONE
+
+    def start(self) -> float:
+        return time.monotonic()
+
+    def stop(self, mark: float) -> EnergyRecord:
+        return EnergyRecord(joules=None, seconds=time.monotonic() - mark, meter=self.name, method=self.method)

@@ -1,0 +1,1 @@
+"""Model manifests, small artifacts (gate, domain prompts) and the model cache."""
