@@ -1,0 +1,123 @@
+"""`moe2 generate "prompt"`: answer a prompt with the selected experts, streaming the text.
+
+The answer goes to stdout as it is generated, and a short summary to stderr, so the
+answer can be piped on its own. With --json nothing is streamed, and stdout gets one
+JSON object with the text, tokens and all figures of the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from coordinator.config import Config, ConfigError, load_config
+from coordinator.generate import Coordinator, GenerationError
+from coordinator.result import GenerationResult
+
+HELP = "generate an answer with the selected experts, streaming it"
+
+DEFAULT_CONFIG = "moe2.toml"
+
+log = logging.getLogger("moe2.coordinator.cli")
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"coordinator TOML file (default: $MOE2_CONFIG, else ./{DEFAULT_CONFIG})")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text")
+    add_config_argument(parser)
+    parser.add_argument("--top-k", type=int, default=None, help="number of experts fused per prompt (default: from the config)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="maximum number of generated tokens")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 selects greedy decoding")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one, reported)")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop when this text is generated (repeatable; replaces the config's list)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    if args.config is not None:
+        return args.config
+    return Path(os.environ.get("MOE2_CONFIG", DEFAULT_CONFIG))
+
+
+def load_gate(config: Config) -> object | None:
+    """Return the gating network of the configuration, or None for uniform gate values."""
+    if not config.gating.enabled:
+        return None
+    from coordinator.gating import Gate
+
+    return Gate.from_config(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(config_path(args))
+        config = config.with_overrides(top_k=args.top_k, max_tokens=args.max_tokens, temperature=args.temperature,
+                                       top_p=args.top_p, seed=args.seed, stop=args.stop)
+        gate = load_gate(config)
+    except ConfigError as exc:
+        print(f"moe2 generate: {exc}", file=sys.stderr)
+        return 2
+
+    try:
+        result = asyncio.run(_generate(config, gate, args.prompt, stream=not args.json))
+    except GenerationError as exc:
+        print(f"moe2 generate: {exc}", file=sys.stderr)
+        return 1
+
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(format_summary(result), file=sys.stderr)
+    return 0
+
+
+async def _generate(config: Config, gate: object | None, prompt: str, stream: bool) -> GenerationResult:
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    async with Coordinator(config, gate) as coordinator:
+        return await coordinator.generate(prompt, on_text=write if stream else None)
+
+
+def _seconds(value: float | None, scale: float = 1.0, unit: str = "s", digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}g} {unit}"
+
+
+def _joules(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.3g} J"
+
+
+def format_summary(result: GenerationResult) -> str:
+    """Return a few human-readable lines: experts, weights, timing, energy."""
+    lines = ["---"]
+    gate = "uniform (no trained gate configured)" if result.gate_uniform else f"trained, {result.gate_s * 1000:.1f} ms"
+    lines.append(f"gate: {gate}; top-k {result.top_k}; request {result.request_id}")
+    steps = len(result.tokens)
+    for expert in result.experts:
+        line = (f"  {expert.name}: gate {expert.gate:.4f}, weight {expert.weight:.4f}, "
+                f"served {expert.served_steps}/{steps} steps, energy {_joules(expert.energy_j)}")
+        if expert.late_steps:
+            line += f", late {expert.late_steps}x"
+        if expert.dropped_at_step is not None:
+            line += f", dropped at step {expert.dropped_at_step} ({expert.drop_reason})"
+        lines.append(line)
+    lines.append(f"tokens: {steps} (stopped by {result.stop_reason}); first token {_seconds(result.time_to_first_token_s)}; "
+                 f"per token {_seconds(result.token_latency_mean_s, 1000, 'ms')} mean, "
+                 f"{_seconds(result.token_latency_p95_s, 1000, 'ms')} p95; "
+                 f"{'n/a' if result.tokens_per_s is None else f'{result.tokens_per_s:.3g}'} tokens/s")
+    lines.append(f"energy: {_joules(result.energy_j)} in total")
+    return "\n".join(lines)
