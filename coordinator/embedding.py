@@ -91,13 +91,17 @@ class Embedder:
     input order.
     """
 
-    def __init__(self, folder: Path | str, providers: list[str] | str | None = None,
-                 batch_size: int = 32, threads: int | None = None):
+    def __init__(self, folder: Path | str | None = None, providers: list[str] | str | None = None,
+                 batch_size: int = 32, threads: int | None = None, *,
+                 onnx_path: Path | str | None = None, tokenizer_path: Path | str | None = None):
         from tokenizers import Tokenizer
 
-        self.folder = Path(folder)
-        onnx_path = self.folder / ONNX_FILE
-        tokenizer_path = self.folder / TOKENIZER_FILE
+        if folder is None and (onnx_path is None or tokenizer_path is None):
+            raise EmbedderError("pass an embedder folder, or both onnx_path and tokenizer_path")
+        onnx_path = Path(onnx_path) if onnx_path is not None else Path(folder) / ONNX_FILE
+        tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else Path(folder) / TOKENIZER_FILE
+        self.folder = Path(folder) if folder is not None else onnx_path.parent
+        self.onnx_path = onnx_path
         for path in (onnx_path, tokenizer_path):
             if not path.is_file():
                 raise EmbedderError(f"{path} not found; create the embedder folder with `moe2 export-embedder`")
@@ -128,11 +132,11 @@ class Embedder:
         names = [i.name for i in self.session.get_inputs()]
         for required in ("input_ids", "attention_mask"):
             if required not in names:
-                raise EmbedderError(f"{self.folder / ONNX_FILE} has inputs {names}; an embedder needs "
+                raise EmbedderError(f"{self.onnx_path} has inputs {names}; an embedder needs "
                                     "input_ids and attention_mask (and optionally token_type_ids)")
         unknown = set(names) - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
-            raise EmbedderError(f"{self.folder / ONNX_FILE} has unsupported inputs {sorted(unknown)}")
+            raise EmbedderError(f"{self.onnx_path} has unsupported inputs {sorted(unknown)}")
         return names
 
     def _max_length(self) -> int:
@@ -146,7 +150,7 @@ class Embedder:
     def _dimension(self) -> int:
         shape = self.session.get_outputs()[0].shape
         if len(shape) != 2:
-            raise EmbedderError(f"{self.folder / ONNX_FILE} output {self._output_name!r} has shape {shape}; "
+            raise EmbedderError(f"{self.onnx_path} output {self._output_name!r} has shape {shape}; "
                                 "an embedder returns [batch, dim]")
         if isinstance(shape[1], int):
             return shape[1]
