@@ -145,29 +145,20 @@ class LossTable:
     def losses(self, masks: np.ndarray) -> np.ndarray:
         """Return L(S) for every mask of a uint64 array; computed values are memoized."""
         masks = np.asarray(masks, dtype=np.uint64)
-        result = np.empty(len(masks), dtype=np.float64)
-        todo = []
-        for index, mask in enumerate(masks.tolist()):
-            cached = self._memo.get(mask)
-            if cached is None:
-                todo.append(index)
-            else:
-                result[index] = cached
-        if todo:
-            pending = masks[todo]
+        if len(masks) and (masks.min() == 0 or int(masks.max()) >> self.n_experts):
+            raise ValueError(f"subset masks must be non-zero and name only the {self.n_experts} experts")
+        pending = np.array([mask for mask in np.unique(masks).tolist() if mask not in self._memo], dtype=np.uint64)
+        if len(pending):
             membership = self._membership(pending)
             n_rows = self._logprobs.shape[0]
             row_elements = n_rows * (self.n_experts if self.top_k is not None else 1)
             per_chunk = max(1, _BATCH_ELEMENTS // max(1, row_elements))
             for start in range(0, len(pending), per_chunk):
-                stop = min(start + per_chunk, len(pending))
-                values = self._compute_batch(membership[start:stop])
-                for offset, value in enumerate(values.tolist()):
-                    index = todo[start + offset]
-                    result[index] = value
-                    self._memo[int(masks[index])] = value
-            self.evaluations += len(todo)
-        return result
+                values = self._compute_batch(membership[start:start + per_chunk])
+                for mask, value in zip(pending[start:start + per_chunk].tolist(), values.tolist()):
+                    self._memo[mask] = value
+            self.evaluations += len(pending)
+        return np.array([self._memo[mask] for mask in masks.tolist()], dtype=np.float64)
 
     def _membership(self, masks: np.ndarray) -> np.ndarray:
         bits = np.arange(self.n_experts, dtype=np.uint64)
