@@ -15,7 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from coordinator.config import Config, ConfigError, load_config
+from coordinator.config import EMBEDDER_ONNX, EMBEDDER_TOKENIZER, Config, ConfigError, load_config
+from coordinator.embedding import EmbedderError
+from coordinator.gating import Gate, GateError
 from coordinator.generate import Coordinator, GenerationError
 from coordinator.result import GenerationResult
 
@@ -50,13 +52,17 @@ def config_path(args: argparse.Namespace) -> Path:
     return Path(os.environ.get("MOE2_CONFIG", DEFAULT_CONFIG))
 
 
-def load_gate(config: Config) -> object | None:
-    """Return the gating network of the configuration, or None for uniform gate values."""
+def load_gate(config: Config) -> Gate | None:
+    """Return the gate for the experts of S, or None (uniform values) without [gating].
+
+    Gate outputs are matched to the configured experts by name.
+    """
     if not config.gating.enabled:
         return None
-    from coordinator.gating import Gate
-
-    return Gate.from_config(config)
+    embedder = config.gating.embedder
+    gate = Gate.load(config.gating.gate, embedder_onnx=embedder / EMBEDDER_ONNX,
+                     tokenizer=embedder / EMBEDDER_TOKENIZER, providers=list(config.gating.providers))
+    return gate.for_experts(list(config.subset))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         config = config.with_overrides(top_k=args.top_k, max_tokens=args.max_tokens, temperature=args.temperature,
                                        top_p=args.top_p, seed=args.seed, stop=args.stop)
         gate = load_gate(config)
-    except ConfigError as exc:
+    except (ConfigError, GateError, EmbedderError) as exc:
         print(f"moe2 generate: {exc}", file=sys.stderr)
         return 2
 
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _generate(config: Config, gate: object | None, prompt: str, stream: bool) -> GenerationResult:
+async def _generate(config: Config, gate: Gate | None, prompt: str, stream: bool) -> GenerationResult:
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -9,10 +9,8 @@ where a default exists):
     # curve_server_key = "..."   # reserved for ZeroMQ CURVE; rejected until supported
 
     [gating]                     # absent: uniform gate values
-    model_dir = "models/demo"    # or the three files below, relative to this file
-    # tokenizer = "tokenizer.json"
-    # embedder = "embedder.onnx"
-    # gate = "gate.onnx"
+    gate = "models/demo/gate.onnx"          # with gate.json beside it
+    embedder = "models/cache/embedder"      # folder with model.onnx and tokenizer.json
     providers = ["CPUExecutionProvider"]
 
     [selection]
@@ -55,6 +53,9 @@ from typing import Any
 
 DISTRIBUTION_FORMATS = ("sparse", "dense")
 DEFAULT_TOP_M = 256
+# Files of an embedder folder, as `moe2 export-embedder` writes them.
+EMBEDDER_ONNX = "model.onnx"
+EMBEDDER_TOKENIZER = "tokenizer.json"
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TCP_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]+)$")
@@ -79,11 +80,10 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class GatingConfig:
-    """Files of the gating network; all three are set, or the gate is uniform."""
+    """Gate ONNX file and embedder folder; both are set, or the gate values are uniform."""
 
-    tokenizer: Path | None = None
-    embedder: Path | None = None
     gate: Path | None = None
+    embedder: Path | None = None
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     @property
@@ -196,7 +196,7 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None, source: Pat
         top_k=top_k,
         distribution_format=distribution_format,
         top_m=top_m,
-        gating=_parse_gating(_section(data, "gating", {"model_dir", "tokenizer", "embedder", "gate", "providers"}), base_dir),
+        gating=_parse_gating(_section(data, "gating", {"gate", "embedder", "providers"}), base_dir),
         sampling=_parse_sampling(_section(data, "sampling", {"temperature", "top_p", "max_tokens", "seed", "stop"})),
         timeouts=_parse_timeouts(_section(data, "timeouts", {"handshake_s", "open_s", "step_deadline_s", "step_s", "close_s"})),
         vocab_cache_dir=_parse_cache(_section(data, "cache", {"vocab_dir"}), base_dir),
@@ -271,24 +271,21 @@ def _parse_gating(section: dict[str, Any], base_dir: Path) -> GatingConfig:
             or not all(isinstance(p, str) and p for p in providers)):
         raise ConfigError("gating.providers", providers, "must be a non-empty list of ONNX Runtime execution provider names, like [\"CPUExecutionProvider\"]")
 
-    files: dict[str, Path | None] = {}
-    model_dir = section.get("model_dir")
-    if model_dir is not None:
-        directory = _path("gating.model_dir", model_dir, base_dir)
-        files = {"tokenizer": directory / "tokenizer.json", "embedder": directory / "embedder.onnx",
-                 "gate": directory / "gate.onnx"}
-    for name in ("tokenizer", "embedder", "gate"):
-        if name in section:
-            files[name] = _path(f"gating.{name}", section[name], base_dir)
-    missing = [name for name in ("tokenizer", "embedder", "gate") if files.get(name) is None]
-    if missing:
-        raise ConfigError(f"gating.{missing[0]}", None,
-                          "missing; set gating.model_dir or all of gating.tokenizer, gating.embedder and gating.gate")
-    for name in ("tokenizer", "embedder", "gate"):
-        if not files[name].is_file():
-            raise ConfigError(f"gating.{name}", str(files[name]), "file not found")
-    return GatingConfig(tokenizer=files["tokenizer"], embedder=files["embedder"], gate=files["gate"],
-                        providers=tuple(providers))
+    for key in ("gate", "embedder"):
+        if key not in section:
+            raise ConfigError(f"gating.{key}", None, "missing; set both gating.gate and gating.embedder, "
+                              "or remove the [gating] section to use uniform gate values")
+    gate = _path("gating.gate", section["gate"], base_dir)
+    if not gate.is_file():
+        raise ConfigError("gating.gate", str(gate), "file not found; train a gate with `moe2 train-gate`")
+    if not gate.with_suffix(".json").is_file():
+        raise ConfigError("gating.gate", str(gate), f"its metadata {gate.with_suffix('.json').name} is missing beside it; "
+                          "`moe2 train-gate` writes both files")
+    embedder = _path("gating.embedder", section["embedder"], base_dir)
+    for name in (EMBEDDER_ONNX, EMBEDDER_TOKENIZER):
+        if not (embedder / name).is_file():
+            raise ConfigError("gating.embedder", str(embedder), f"has no {name}; create the folder with `moe2 export-embedder`")
+    return GatingConfig(gate=gate, embedder=embedder, providers=tuple(providers))
 
 
 def _parse_sampling(section: dict[str, Any]) -> SamplingConfig:

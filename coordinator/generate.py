@@ -44,6 +44,7 @@ from coordinator import fusion
 from coordinator.client import (AgentClient, AgentError, AgentInfo, AgentProtocolError, PendingReply,
                                 Vocabulary, VocabularyCache)
 from coordinator.config import Config
+from coordinator.gating import Gate
 from coordinator.result import ExpertEvent, ExpertReport, GenerationResult, StopMatcher
 
 log = logging.getLogger("moe2.coordinator.generate")
@@ -124,7 +125,7 @@ class Coordinator:
     before any generation if their tokenizers differ.
     """
 
-    def __init__(self, config: Config, gate: object | None = None,
+    def __init__(self, config: Config, gate: Gate | None = None,
                  vocabulary_cache: VocabularyCache | None = None):
         self.config = config
         self.gate = gate
@@ -202,15 +203,23 @@ class Coordinator:
         run = _Request(self, config, prompt, on_text, on_token)
         return await run.execute()
 
-    def _gate_values(self, prompt: str) -> tuple[np.ndarray, bool, float]:
-        """Return gate values for the configured experts, whether they are uniform, and seconds."""
+    def _gate_values(self, prompt: str) -> tuple[dict[str, float], bool, float]:
+        """Return the gate value of each expert of S, whether they are uniform, and seconds.
+
+        `self.gate` is called with the prompt and returns values (and a `uniform` flag)
+        in the order of its `names`; see coordinator.gating.Gate.
+        """
         start = time.perf_counter()
+        subset = self.config.subset
         if self.gate is None:
-            values = np.full(len(self.config.experts), 1.0 / len(self.config.experts))
-            return values, True, time.perf_counter() - start
+            return {name: 1.0 / len(subset) for name in subset}, True, time.perf_counter() - start
         output = self.gate(prompt)
-        values = np.asarray(output.values, dtype=np.float64)
-        return values, bool(output.uniform), time.perf_counter() - start
+        values = dict(zip(self.gate.names, (float(v) for v in output.values)))
+        missing = [name for name in subset if name not in values]
+        if missing:
+            raise GenerationError(f"the gate has no value for experts {', '.join(missing)}; "
+                                  f"it covers {', '.join(self.gate.names)}")
+        return {name: values[name] for name in subset}, bool(output.uniform), time.perf_counter() - start
 
 
 def check_fingerprints(fingerprints: Sequence[tuple[str, str]]) -> None:
@@ -316,9 +325,8 @@ class _Request:
         if text and self.on_text is not None:
             self.on_text(text)
 
-    def _select(self, gates: np.ndarray) -> None:
+    def _select(self, gates: dict[str, float]) -> None:
         experts = self.coordinator._experts
-        names = list(self.config.expert_names)
         for name in self.config.subset:
             if not experts[name].ready:
                 self._event(None, name, "unavailable", experts[name].error or "handshake did not complete")
@@ -326,7 +334,7 @@ class _Request:
         if not candidates:
             raise GenerationError(f"request {self.request_id}: no expert of the subset is available", self.events)
 
-        candidate_gates = [float(gates[names.index(name)]) for name in candidates]
+        candidate_gates = [gates[name] for name in candidates]
         chosen = select_top_k(candidates, candidate_gates, min(self.config.top_k, len(candidates)))
         total = sum(candidate_gates[index] for index in chosen)
         for index in chosen:

@@ -28,6 +28,14 @@ def with_value(path: str, value: object) -> dict:
     return data
 
 
+def make_gating_files(directory: Path) -> None:
+    """Create empty gate and embedder files where the configuration looks for them."""
+    (directory / "gate").mkdir()
+    (directory / "embedder").mkdir()
+    for name in ("gate/gate.onnx", "gate/gate.json", "embedder/model.onnx", "embedder/tokenizer.json"):
+        (directory / name).write_bytes(b"")
+
+
 def test_config_minimal_defaults():
     config = parse_config(copy.deepcopy(MINIMAL))
     assert config.expert_names == ("a", "b", "c")
@@ -48,18 +56,17 @@ def test_config_subset_keeps_expert_order():
 
 
 def test_config_file_resolves_relative_paths(tmp_path: Path):
-    (tmp_path / "gate").mkdir()
-    for name in ("tokenizer.json", "embedder.onnx", "gate.onnx"):
-        (tmp_path / "gate" / name).write_bytes(b"")
+    make_gating_files(tmp_path)
     path = tmp_path / "moe2.toml"
     path.write_text(
         '[[experts]]\nname = "a"\nendpoint = "tcp://127.0.0.1:5555"\n'
-        '[gating]\nmodel_dir = "gate"\n'
+        '[gating]\ngate = "gate/gate.onnx"\nembedder = "embedder"\n'
         '[cache]\nvocab_dir = "vocab"\n'
         '[sampling]\ntemperature = 0\nseed = 7\nstop = ["\\n\\n"]\n', encoding="utf-8")
     config = load_config(path)
     assert config.gating.enabled
     assert config.gating.gate == tmp_path / "gate" / "gate.onnx"
+    assert config.gating.embedder == tmp_path / "embedder"
     assert config.vocab_cache_dir == tmp_path / "vocab"
     assert config.sampling.temperature == 0.0
     assert config.sampling.seed == 7
@@ -109,8 +116,9 @@ BAD_VALUES = [
     ("timeouts.handshake_s", "10", "timeouts.handshake_s"),
     ("timeouts.retries", 3, "timeouts.retries"),
     ("gating.providers", [], "gating.providers"),
-    ("gating.gate", "missing-gate.onnx", "gating.tokenizer"),
-    ("gating.model_dir", "no-such-dir", "gating.tokenizer"),
+    ("gating.gate", "missing-gate.onnx", "gating.embedder"),
+    ("gating.embedder", "no-such-dir", "gating.gate"),
+    ("gating.model_dir", "models/demo", "gating.model_dir"),
     ("cache.vocab_dir", 5, "cache.vocab_dir"),
     ("experts[0].name", "", "experts[0].name"),
     ("experts[0].name", "has space", "experts[0].name"),
@@ -141,15 +149,21 @@ def test_config_dense_with_top_m_rejected():
     assert info.value.key == "distribution.top_m"
 
 
-def test_config_gating_file_not_found_named(tmp_path: Path):
+@pytest.mark.parametrize("removed, key", [
+    ("gate/gate.onnx", "gating.gate"),
+    ("gate/gate.json", "gating.gate"),
+    ("embedder/model.onnx", "gating.embedder"),
+    ("embedder/tokenizer.json", "gating.embedder"),
+])
+def test_config_gating_file_not_found_named(tmp_path: Path, removed: str, key: str):
+    make_gating_files(tmp_path)
+    (tmp_path / removed).unlink()
     data = copy.deepcopy(MINIMAL)
-    data["gating"] = {"tokenizer": "t.json", "embedder": "e.onnx", "gate": "g.onnx"}
-    (tmp_path / "t.json").write_bytes(b"")
-    (tmp_path / "g.onnx").write_bytes(b"")
+    data["gating"] = {"gate": "gate/gate.onnx", "embedder": "embedder"}
     with pytest.raises(ConfigError) as info:
         parse_config(data, base_dir=tmp_path)
-    assert info.value.key == "gating.embedder"
-    assert str(tmp_path / "e.onnx") in str(info.value)
+    assert info.value.key == key
+    assert Path(removed).name in str(info.value)
 
 
 @pytest.mark.parametrize("data, key", [
