@@ -1,0 +1,73 @@
+"""Next-token distributions from raw logits: dense log-probabilities and sparse top-m.
+
+All functions take the logits of the real tokens only (padding ids already cut off), so
+probabilities are normalized over the real tokens and padding has probability 0.
+
+Precision: the exponentials are computed in float32 on values shifted by the maximum
+(so every term lies in [0, 1]) and summed in float64; the log-normalizer is float64 and
+the output float32. The result differs from an all-float64 log-softmax by about one
+float32 ulp of each output (checked against a float64 reference in the tests). A
+float64 exponential over a 262,144-token vocabulary takes about 2 ms on one x86 core,
+10 times the float32 one, which would be 10% of a decode step of the 270M demo model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent import protocol
+
+
+class NonFiniteLogits(ArithmeticError):
+    """The model produced NaN or infinite logits (a broken model file or backend)."""
+
+
+def log_normalizer(logits: np.ndarray) -> float:
+    """Return log(sum(exp(logits))) as a float64, computed without overflow."""
+    peak = float(logits.max())
+    if not np.isfinite(peak):
+        raise NonFiniteLogits(f"the maximum logit is {peak}")
+    total = float(np.exp(logits - np.float32(peak)).sum(dtype=np.float64))
+    if not np.isfinite(total) or total <= 0.0:
+        raise NonFiniteLogits(f"the sum of exponentials is {total}")
+    return peak + float(np.log(total))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Return float32 log-probabilities of float32 `logits` (a new array)."""
+    normalizer = log_normalizer(logits)
+    return logits.astype(np.float32, copy=True) - np.float32(normalizer)
+
+
+def top_m(logits: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return (ids, log-probabilities, tail) of the m most likely tokens.
+
+    Ids are sorted by decreasing probability; the order among equal logits is unspecified.
+    `tail` is the probability mass outside the m ids, 1 - sum(p), clipped at 0.
+    When m covers the whole vocabulary every id is returned.
+    """
+    n = logits.shape[0]
+    m = min(m, n)
+    normalizer = log_normalizer(logits)
+    if m == n:
+        candidates = np.arange(n)
+    else:
+        candidates = np.argpartition(logits, n - m)[n - m:]
+    order = np.argsort(logits[candidates], kind="stable")[::-1]
+    ids = candidates[order].astype(np.int32)
+    logprobs = logits[ids].astype(np.float64) - normalizer
+    tail = max(0.0, 1.0 - float(np.exp(logprobs).sum()))
+    return ids, logprobs.astype(np.float32), tail
+
+
+def encode(logits: np.ndarray, fmt: protocol.DistributionFormat) -> dict:
+    """Return the wire DIST map of `logits` in format `fmt` (see agent.protocol)."""
+    if fmt.kind == "dense":
+        return protocol.encode_dense(log_softmax(logits))
+    ids, logprobs, tail = top_m(logits, fmt.m)
+    return protocol.encode_sparse(ids, logprobs, tail)
+
+
+def token_logprob(logits: np.ndarray, token: int) -> float:
+    """Return log p(token) under `logits` (float64)."""
+    return float(logits[token]) - log_normalizer(logits)
