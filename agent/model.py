@@ -107,15 +107,26 @@ class ExpertModel:
         self.lora_sha256 = sha256_file(config.lora) if config.lora else None
         log.info("model %s sha256 %s (%.1f s)", config.model, self.model_sha256, time.monotonic() - started)
 
-        self._model = self._load_model()
-        self._context = self._create_context()
-        self._adapter = self._attach_lora() if config.lora else None
+        self._model: internals.LlamaModel | None = None
+        self._context: internals.LlamaContext | None = None
+        self._adapter = None
+        self._batch = None
+        try:
+            self._model = self._load_model()
+            self._context = self._create_context()
+            self._adapter = self._attach_lora() if config.lora else None
+            # llama.cpp may lower n_batch (to the context size), so ask it for the real value.
+            self._batch_capacity = int(llama_cpp.llama_n_batch(self._context.ctx))
+            self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
+            self._finish_loading()
+        except BaseException:
+            self.close()
+            raise
+
+    def _finish_loading(self) -> None:
+        config = self.config
         self.vocab = Vocabulary(self._model.vocab)
         self.model_name = self._model.metadata().get("general.name") or config.model.stem
-        # llama.cpp may lower n_batch (to the context size), so ask it for the real value.
-        self._batch_capacity = int(llama_cpp.llama_n_batch(self._context.ctx))
-        self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
-
         self.sessions: dict[str, Session] = {}
         # A stack: the most recently freed slot is reused first; slot 0 is used first.
         self._free_slots = list(range(self.max_sessions - 1, -1, -1))
@@ -200,15 +211,19 @@ class ExpertModel:
         log.info("domain prompt: %d tokens decoded once in %.2f s", len(tokens), time.monotonic() - started)
 
     def close(self) -> None:
-        """Free the batch, adapter, context and model."""
+        """Free the batch, context, adapter and model. Safe to call twice."""
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
-        self._context.close()
+        if self._context is not None:
+            self._context.close()
+            self._context = None
         if self._adapter is not None:
             llama_cpp.llama_adapter_lora_free(self._adapter)
             self._adapter = None
-        self._model.close()
+        if self._model is not None:
+            self._model.close()
+            self._model = None
 
     # --- decoding --------------------------------------------------------------------
 

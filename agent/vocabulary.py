@@ -1,11 +1,13 @@
 """A model's vocabulary as the agent reports it: real tokens, special ids, fingerprint.
 
 GGUF files of one model family may pad the embedding matrix with extra rows (Qwen2.5:
-n_vocab 151,936 or 152,064 for 151,665 tokenizer tokens). `convert_hf_to_gguf.py` names
-those rows `[PAD<id>]` and gives them the token type UNUSED. The agent counts as
-padding the longest run of UNUSED tokens at the end of the vocabulary. Everything
-before it is a real token, and `n_tokens` is their count. Distributions cover the real
-tokens only.
+n_vocab 151,936 or 152,064 for 151,665 tokenizer tokens). llama.cpp's
+`convert_hf_to_gguf.py` names each such row `[PAD<id>]` with its own id (token type
+UNUSED, or USER_DEFINED in some of its code paths). The agent counts as padding the
+longest run of tokens at the end of the vocabulary whose text is `[PAD<id>]`.
+Everything before it is a real token, and `n_tokens` is their count. Distributions
+cover the real tokens only. The type alone cannot tell padding apart: Gemma 3 ends
+with 6,143 `<unusedN>` tokens of type UNUSED that belong to its tokenizer.
 
 The tokenizer fingerprint is a sha256 over the vocabulary type, every real token's
 text and attributes, the special ids and the add-BOS/EOS flags. Two files that differ
@@ -51,9 +53,8 @@ class Vocabulary:
         self.attrs = np.array([llama_cpp.llama_vocab_get_attr(vocab, t) for t in range(self.n_vocab)],
                               dtype=np.int32)
 
-        unused = (self.attrs & llama_cpp.LLAMA_TOKEN_ATTR_UNUSED) != 0
         n_tokens = self.n_vocab
-        while n_tokens > 0 and unused[n_tokens - 1]:
+        while n_tokens > 0 and self.text(n_tokens - 1) == f"[PAD{n_tokens - 1}]".encode():
             n_tokens -= 1
         self.n_tokens = n_tokens
 
@@ -68,13 +69,17 @@ class Vocabulary:
         digest = hashlib.sha256(FINGERPRINT_VERSION)
         digest.update(struct.pack("<ii", self.vocab_type, self.n_tokens))
         for token in range(self.n_tokens):
-            text = llama_cpp.llama_vocab_get_text(self._vocab, token) or b""
+            text = self.text(token)
             digest.update(struct.pack("<Ii", len(text), int(self.attrs[token])))
             digest.update(text)
         for name in SPECIAL_IDS:
             digest.update(struct.pack("<i", self.special_ids[name]))
         digest.update(struct.pack("<??", self.add_bos, self.add_eos))
         return digest.hexdigest()
+
+    def text(self, token: int) -> bytes:
+        """Return the token's text as stored in the GGUF (`▁the`, `<0x0A>`, `<bos>`)."""
+        return llama_cpp.llama_vocab_get_text(self._vocab, token) or b""
 
     def token_to_piece(self, token: int) -> bytes:
         """Return the bytes `token` renders to, control tokens included."""
