@@ -14,10 +14,12 @@ meets every budget becomes the incumbent and is not branched, because its subset
 do better. An infeasible one is branched by removing one expert at a time. Sets whose
 bound cannot beat the incumbent by more than epsilon are pruned, every set is generated
 once, and sets contained in an already evaluated feasible set are dropped as dominated.
-Under both assumptions the answer is epsilon-optimal. Losses computed with a finite,
+Under both assumptions the chosen subset is epsilon-optimal. Losses computed with a finite,
 renormalized gate are only approximately monotone, so the search counts the violations
-it meets (a subset whose loss is lower than its superset's), and `exhaustive` gives the
-true optimum for the optimality gap where 2^N is small enough.
+it meets (a subset whose loss is lower than its superset's). It then descends from the
+chosen subset through one-smaller subsets while the loss falls, which only moves when the loss
+is not monotone. `exhaustive` gives the true optimum for the optimality gap where 2^N
+is small enough.
 
 Nothing here does I/O. Losses and constraint values come in as callables.
 """
@@ -155,6 +157,7 @@ def smo(
     constraints: Sequence[Constraint],
     epsilon: float = 0.0,
     max_expansions: int | None = None,
+    refine: bool = True,
 ) -> SearchResult:
     """Search for an epsilon-optimal feasible subset from the full set downward.
 
@@ -162,6 +165,8 @@ def smo(
     incumbent's loss minus epsilon. `max_expansions` caps the number of branched sets.
     When the cap stops the search, the result has `complete=False` and the incumbent
     found so far, and `lower_bound` bounds the optimum from below (under monotonicity).
+    `refine` runs a descent from the chosen subset through one-smaller subsets, which
+    changes the result only where the loss is not monotone.
     """
     _check_size(n_experts)
     if epsilon < 0:
@@ -246,6 +251,21 @@ def smo(
             heapq.heappush(heap, (set_loss, False, child))
 
     lower_bound = heap[0][0] if heap else math.inf
+
+    # Descent: under a monotone loss no subset of the incumbent is better, but a gate
+    # that overrates an expert can make dropping it lower the loss. Move to the best
+    # one-smaller subset while that lowers the loss, and count each move as a violation.
+    while refine and best_mask is not None and complete:
+        children = [best_mask & ~(1 << expert) for expert in mask_members(best_mask)]
+        children = [child for child in children if child]
+        if not children:
+            break
+        child_loss, child = min((evaluate(child), child) for child in children)
+        if child_loss >= best_loss - VIOLATION_RELATIVE_TOLERANCE * max(1.0, abs(best_loss)):
+            break
+        violations += 1
+        best_mask, best_loss = child, child_loss
+
     if best_mask is None:
         # Every set was searched (or the cap hit) without a feasible one. The
         # reduction above guarantees feasible singletons exist, so this happens only

@@ -174,7 +174,8 @@ def test_smo_gap_non_monotone_instances():
 
 def test_smo_counts_violations_it_meets():
     # Expert 2 is rated highly by the gate but has a low probability, so adding it
-    # to any set raises the loss: every set containing it is worse than its subsets.
+    # to any set raises the loss. Expert 1 is weaker than expert 0, so {0} alone beats
+    # {0, 1}: the descent after the search must find it.
     probs = np.array([[0.6, 0.5, 0.01]])
     gates = np.array([[0.2, 0.2, 0.6]])
     loss = mixture_loss(probs, gates)
@@ -182,9 +183,12 @@ def test_smo_counts_violations_it_meets():
     constraints = [sum_constraint("energy", energy, 2.0)]
 
     found = smo(3, loss, constraints)
+    unrefined = smo(3, loss, constraints, refine=False)
+    reference = exhaustive(3, loss, constraints)
 
-    assert found.subset == mask_from_members([0, 1])
-    assert found.monotonicity_violations >= 1
+    assert found.subset == mask_from_members([0]) == reference.subset
+    assert unrefined.subset == mask_from_members([0, 1])
+    assert found.monotonicity_violations > unrefined.monotonicity_violations >= 1
 
 
 def test_smo_infeasible_names_tightest_constraint():
@@ -233,7 +237,8 @@ def test_smo_full_set_when_budgets_loose():
     found = smo(6, loss, constraints)
 
     assert found.subset == (1 << 6) - 1
-    assert found.loss_evaluations == 1
+    # The full set, then its six one-smaller subsets in the descent.
+    assert found.loss_evaluations == 7
     assert found.vertices_expanded == 0
 
 

@@ -167,13 +167,15 @@ def test_select_missing_profile_file(inputs, capsys, caplog):
 
 
 def test_select_unknown_expert_in_config(inputs, capsys, caplog):
-    (inputs / "coordinator.toml").write_text(CONFIG.replace('name = "expert3"', 'name = "other"'))
+    # The configuration names its experts box0..box3, the score table expert0..expert3.
+    renamed = CONFIG.replace('"expert', '"box')
+    (inputs / "coordinator.toml").write_text(renamed)
 
     status = cli.main(select_args(inputs, "--k", "4", "--config", str(inputs / "coordinator.toml")))
 
     assert status == 2
     assert "selection.subset" in caplog.text
-    assert (inputs / "coordinator.toml").read_text() == CONFIG.replace('name = "expert3"', 'name = "other"')
+    assert (inputs / "coordinator.toml").read_text() == renamed
 
 
 def test_set_subset_text_lowers_top_k():

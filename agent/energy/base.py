@@ -39,6 +39,11 @@ class EnergyRecord:
         return record
 
 
+class MeterUnavailable(RuntimeError):
+    """Error raised when a meter cannot measure on this machine; the message gives the
+    reason and the fix."""
+
+
 class EnergyMeter:
     """Base class: subclasses set `name` and `update_interval_s` and implement the window."""
 
@@ -52,8 +57,26 @@ class EnergyMeter:
     def stop(self, mark: Any) -> EnergyRecord:
         raise NotImplementedError
 
+    def split(self, mark: Any) -> tuple[EnergyRecord, Any]:
+        """Close the window of `mark` and open the next one, for back-to-back windows.
+
+        Meters that can end one window and start the next at the same reading override
+        this, so no energy falls between the two windows.
+        """
+        return self.stop(mark), self.start()
+
+    def rail_power(self) -> dict[str, float] | None:
+        """Return the latest power of each rail in watts, for meters that read rails."""
+        return None
+
     def close(self) -> None:
         """Release the meter's resources (threads, subprocesses, handles)."""
+
+    def __enter__(self) -> "EnergyMeter":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def describe(self) -> dict:
         return {"name": self.name, "method": self.method, "update_interval_s": self.update_interval_s}
