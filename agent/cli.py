@@ -3,8 +3,8 @@
     moe2-agent --model models/cache/gemma-3-270m-q4_k_m.gguf
     moe2-agent --config /etc/moe2/agent-medicine.toml --bind tcp://127.0.0.1:5601
 
-Settings are checked before the model loads (exit status 2 on invalid settings, 1 when
-the model or the socket fails). SIGTERM and SIGINT stop the agent cleanly: the
+Settings are checked and the socket is bound before the model loads (exit status 2 on
+invalid settings, 1 when the socket or the model fails). SIGTERM and SIGINT stop the agent cleanly: the
 current request finishes, then the socket, context and model are freed. Under systemd
 with `Type=notify` the agent reports READY=1 once it serves and pings the watchdog
 from its serving loop.
@@ -67,21 +67,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(config.log_level)
 
-    meter = create_meter(config)
+    # Bind first: a taken address then fails in milliseconds, not after a model load.
     try:
-        model = ExpertModel(config, meter)
-    except (ModelError, OSError) as exc:
-        log.error("could not load the expert: %s", exc)
-        meter.close()
-        return 1
-
-    try:
-        server = AgentServer(config, model)
+        server = AgentServer(config)
     except zmq.ZMQError as exc:
         log.error("could not bind %s: %s; choose another address with --bind", config.bind, exc)
-        model.close()
+        return 1
+
+    meter = create_meter(config)
+    try:
+        server.model = ExpertModel(config, meter)
+    except (ModelError, OSError) as exc:
+        log.error("could not load the expert: %s", exc)
+        server.close()
         meter.close()
         return 1
+    model = server.model
 
     def request_stop(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)

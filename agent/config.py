@@ -18,6 +18,7 @@ Example `agent.toml`:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -41,7 +42,6 @@ GGUF_MAGIC = b"GGUF"
 MAX_SEQUENCES = 256
 RESERVED_SEQUENCES = 2
 
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _TCP_ADDRESS = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:]+\]|[^:/\[\]]+):(?P<port>\*|\d+)$")
 
 
@@ -142,7 +142,15 @@ def is_loopback_address(address: str) -> bool:
     if address.startswith(("ipc://", "inproc://")):
         return True
     match = _TCP_ADDRESS.match(address)
-    return bool(match) and match.group("host") in _LOOPBACK_HOSTS
+    if not match:
+        return False
+    host = match.group("host").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:          # an interface name such as eth0, or * for every interface
+        return False
 
 
 def load_config(flags: dict[str, Any] | None = None, config_file: str | Path | None = None) -> AgentConfig:

@@ -69,9 +69,14 @@ class RateLimitedLog:
 
 
 class AgentServer:
-    """Serve one ExpertModel on a ROUTER socket bound to `config.bind`."""
+    """Serve one ExpertModel on a ROUTER socket bound to `config.bind`.
 
-    def __init__(self, config: AgentConfig, model: ExpertModel, *, context: zmq.Context | None = None):
+    The socket is bound at construction, so a taken address fails before a large model
+    loads. `model` may be set after construction, and must be set before serving.
+    """
+
+    def __init__(self, config: AgentConfig, model: ExpertModel | None = None, *,
+                 context: zmq.Context | None = None):
         self.config = config
         self.model = model
         self._stop = threading.Event()
@@ -90,12 +95,14 @@ class AgentServer:
             log.warning("listening on %s: traffic is unauthenticated and unencrypted, so anyone who "
                         "can reach this address can use the expert; bind to 127.0.0.1 unless the "
                         "network is trusted", self.endpoint)
-        log.info("serving %s on %s", config.expert_name, self.endpoint)
 
     # --- loop ------------------------------------------------------------------------
 
     def serve_forever(self, on_tick: Callable[[], None] | None = None) -> None:
         """Serve until `stop()`; `on_tick` runs about every POLL_INTERVAL_S (for watchdogs)."""
+        if self.model is None:
+            raise RuntimeError("AgentServer.serve_forever needs a model: set server.model first")
+        log.info("serving %s on %s", self.config.expert_name, self.endpoint)
         next_expiry = time.monotonic() + EXPIRY_INTERVAL_S
         while not self._stop.is_set():
             if self._socket.poll(int(POLL_INTERVAL_S * 1000), zmq.POLLIN):

@@ -51,7 +51,7 @@ class TinyModelSpec:
     n_head: int = 4
     n_head_kv: int = 2
     n_ff: int = 128
-    context_length: int = 2048
+    context_length: int = 8192
     name: str = "tiny-llama"
 
     @property

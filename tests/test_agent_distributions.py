@@ -1,0 +1,131 @@
+"""Log-softmax and top-m of agent.distributions against float64 numpy references.
+
+Tolerance: outputs are float32, so they are compared with a float64 log-softmax of the
+same float32 logits to 1e-5 absolute, about 5 float32 ulps of values near 30 in
+magnitude (the range of real logits in these tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from agent import distributions, protocol
+from agent.protocol import DistributionFormat
+
+TOLERANCE = 1e-5
+
+
+def reference_log_softmax(logits: np.ndarray) -> np.ndarray:
+    values = logits.astype(np.float64)
+    values -= values.max()
+    return values - np.log(np.exp(values).sum())
+
+
+def random_logits(rng: np.random.Generator, size: int, scale: float = 8.0) -> np.ndarray:
+    return (rng.standard_normal(size) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000, 262_144])
+def test_log_softmax_matches_float64(size):
+    rng = np.random.default_rng(size)
+    logits = random_logits(rng, size)
+
+    logprobs = distributions.log_softmax(logits)
+
+    assert logprobs.dtype == np.float32
+    assert np.abs(logprobs - reference_log_softmax(logits)).max() < TOLERANCE
+    assert np.exp(logprobs.astype(np.float64)).sum() == pytest.approx(1.0, abs=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, st.integers(1, 300),
+                  elements=st.floats(-30, 30, width=32, allow_nan=False)))
+def test_log_softmax_property(logits):
+    logprobs = distributions.log_softmax(logits)
+
+    assert np.abs(logprobs - reference_log_softmax(logits)).max() < TOLERANCE
+    assert logprobs.max() <= 1e-6
+
+
+def test_log_softmax_does_not_modify_input():
+    logits = random_logits(np.random.default_rng(0), 100)
+    original = logits.copy()
+
+    distributions.log_softmax(logits)
+
+    np.testing.assert_array_equal(logits, original)
+
+
+def test_log_softmax_handles_negative_infinity():
+    logits = np.array([0.0, -np.inf, 1.0], dtype=np.float32)
+
+    logprobs = distributions.log_softmax(logits)
+
+    assert logprobs[1] == -np.inf
+    assert np.exp(logprobs[[0, 2]].astype(np.float64)).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_logits_are_rejected(bad):
+    logits = np.zeros(10, dtype=np.float32)
+    logits[3] = bad
+
+    with pytest.raises(distributions.NonFiniteLogits):
+        distributions.log_softmax(logits)
+    with pytest.raises(distributions.NonFiniteLogits):
+        distributions.top_m(logits, 4)
+
+
+def test_all_negative_infinity_is_rejected():
+    with pytest.raises(distributions.NonFiniteLogits):
+        distributions.log_softmax(np.full(5, -np.inf, dtype=np.float32))
+
+
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_top_m_matches_full_sort(m):
+    logits = random_logits(np.random.default_rng(m), 5000)
+    full = reference_log_softmax(logits)
+    expected_ids = np.argsort(full)[::-1][:m]
+
+    ids, logprobs, tail = distributions.top_m(logits, m)
+
+    assert ids.dtype == np.int32
+    assert logprobs.dtype == np.float32
+    np.testing.assert_array_equal(np.sort(ids), np.sort(expected_ids))
+    assert np.all(np.diff(logprobs) <= 0), "ids are not sorted by decreasing probability"
+    assert np.abs(logprobs - full[ids]).max() < TOLERANCE
+    assert tail == pytest.approx(1.0 - np.exp(full[expected_ids]).sum(), abs=1e-6)
+
+
+def test_top_m_larger_than_vocabulary_returns_all():
+    logits = random_logits(np.random.default_rng(1), 50)
+
+    ids, logprobs, tail = distributions.top_m(logits, 1000)
+
+    assert sorted(ids.tolist()) == list(range(50))
+    assert tail == pytest.approx(0.0, abs=1e-6)
+    assert tail >= 0.0
+
+
+def test_dense_and_sparse_agree_when_m_covers_vocabulary():
+    logits = random_logits(np.random.default_rng(2), 300)
+
+    dense = protocol.decode_distribution(distributions.encode(logits, protocol.DENSE))
+    sparse = protocol.decode_distribution(distributions.encode(logits, DistributionFormat("sparse", 300)))
+
+    assert dense.kind == "dense"
+    assert sparse.kind == "sparse"
+    np.testing.assert_allclose(dense.logprobs[sparse.ids], sparse.logprobs, atol=TOLERANCE)
+    assert sparse.tail == pytest.approx(0.0, abs=1e-6)
+
+
+def test_token_logprob_matches_log_softmax():
+    logits = random_logits(np.random.default_rng(3), 1000)
+    full = reference_log_softmax(logits)
+
+    for token in (0, 17, 999):
+        assert distributions.token_logprob(logits, token) == pytest.approx(full[token], abs=1e-6)
