@@ -23,7 +23,7 @@ class RecordedNvmlError(Exception):
 
 
 class RecordedNvml:
-    """Replays NVML answers: each query returns its next recorded value, or raises
+    """Replays NVML results: each query returns its next recorded value, or raises
     RecordedNvmlError when the recorded value is an int error code wrapped in a tuple."""
 
     NVMLError = RecordedNvmlError
