@@ -66,24 +66,23 @@ class Vocabulary:
         self._pieces: tuple[bytes, np.ndarray] | None = None
 
     def _fingerprint(self) -> str:
-        digest = hashlib.sha256(FINGERPRINT_VERSION)
-        digest.update(struct.pack("<ii", self.vocab_type, self.n_tokens))
+        parts = [FINGERPRINT_VERSION, struct.pack("<ii", self.vocab_type, self.n_tokens)]
         for token in range(self.n_tokens):
             text = self.text(token)
-            digest.update(struct.pack("<Ii", len(text), int(self.attrs[token])))
-            digest.update(text)
+            parts.append(struct.pack("<Ii", len(text), int(self.attrs[token])))
+            parts.append(text)
         for name in SPECIAL_IDS:
-            digest.update(struct.pack("<i", self.special_ids[name]))
-        digest.update(struct.pack("<??", self.add_bos, self.add_eos))
-        return digest.hexdigest()
+            parts.append(struct.pack("<i", self.special_ids[name]))
+        parts.append(struct.pack("<??", self.add_bos, self.add_eos))
+        return hashlib.sha256(b"".join(parts)).hexdigest()
 
     def text(self, token: int) -> bytes:
         """Return the token's text as stored in the GGUF (`▁the`, `<0x0A>`, `<bos>`)."""
         return llama_cpp.llama_vocab_get_text(self._vocab, token) or b""
 
-    def token_to_piece(self, token: int) -> bytes:
+    def token_to_piece(self, token: int, buffer: ctypes.Array | None = None) -> bytes:
         """Return the bytes `token` renders to, control tokens included."""
-        buffer = ctypes.create_string_buffer(64)
+        buffer = buffer if buffer is not None else ctypes.create_string_buffer(256)
         size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
         if size < 0:
             buffer = ctypes.create_string_buffer(-size)
@@ -93,7 +92,8 @@ class Vocabulary:
     def pieces(self) -> tuple[bytes, np.ndarray]:
         """Return (concatenated pieces, uint32 offsets of length n_tokens + 1), built once."""
         if self._pieces is None:
-            pieces = [self.token_to_piece(t) for t in range(self.n_tokens)]
+            buffer = ctypes.create_string_buffer(256)
+            pieces = [self.token_to_piece(t, buffer) for t in range(self.n_tokens)]
             offsets = np.zeros(self.n_tokens + 1, dtype=np.uint32)
             np.cumsum([len(p) for p in pieces], out=offsets[1:])
             self._pieces = (b"".join(pieces), offsets)
