@@ -68,7 +68,7 @@ async def query_experts(config: Config) -> list[ExpertStatus]:
     finally:
         for client in clients:
             client.close()
-        context.term()
+        context.destroy(linger=0)
 
 
 async def _query(client: AgentClient, config: Config) -> ExpertStatus:

@@ -134,7 +134,11 @@ class Coordinator:
         self._experts: dict[str, _Expert] = {}
 
     async def __aenter__(self) -> Coordinator:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -179,7 +183,9 @@ class Coordinator:
             expert.client.close()
         self._experts = {}
         if self._context is not None:
-            self._context.term()
+            # Every socket is closed above; destroy() also closes any left open, so
+            # terminating the context can never block.
+            self._context.destroy(linger=0)
             self._context = None
 
     # --- generation -------------------------------------------------------------------
@@ -281,13 +287,12 @@ class _Request:
         try:
             sent_at = time.monotonic()
             for participant in self.participants:
-                self._send(participant, 0, "open", self.config.timeouts.open_s,
-                           prompt=self.prompt, format=self.format.to_wire())
+                self._send(participant, "open", 0, {"prompt": self.prompt}, self.config.timeouts.open_s)
             step = 0
             while True:
                 deadline_s = self.config.timeouts.open_s if step == 0 else self.config.timeouts.step_deadline_s
                 replies = await self._collect(step, sent_at, deadline_s, n_tokens)
-                token = self._fuse_and_sample(replies, n_tokens, rng)
+                token = self._fuse_and_sample(step, replies, n_tokens, rng)
                 now = time.monotonic()
                 if step > 0:
                     overheads.append(now - sent_at - max(replies.compute_s.values()))
@@ -306,8 +311,7 @@ class _Request:
                 step += 1
                 sent_at = time.monotonic()
                 for participant in self._alive():
-                    self._send(participant, step, "step", self.config.timeouts.step_s,
-                               session=self.request_id, step=step, token=token, format=self.format.to_wire())
+                    self._send(participant, "step", step, {"step": step, "token": token}, self.config.timeouts.step_s)
             if stop_reason != "stop":
                 stops.finish(detokenizer.flush(), self._emit)
         finally:
@@ -348,10 +352,9 @@ class _Request:
     def _alive(self) -> list[_Participant]:
         return [participant for participant in self.participants if participant.alive]
 
-    def _send(self, participant: _Participant, step: int, op: str, timeout_s: float, **fields: object) -> None:
-        if op == "open":
-            fields["session"] = self.request_id
-        pending = participant.expert.client.submit(op, **fields)
+    def _send(self, participant: _Participant, op: str, step: int, fields: dict, timeout_s: float) -> None:
+        """Send `open` (step 0) or `step`; the participant then owes the reply."""
+        pending = participant.expert.client.submit(op, session=self.request_id, format=self.format.to_wire(), **fields)
         participant.owed.append(_OwedReply(step, pending, timeout_s))
 
     async def _collect(self, step: int, sent_at: float, deadline_s: float, n_tokens: int) -> _Step:
@@ -446,15 +449,32 @@ class _Request:
             participant.energy_known = False
         return distribution, float(compute_s)
 
-    def _fuse_and_sample(self, replies: _Step, n_tokens: int, rng: np.random.Generator) -> int:
+    def _fuse_and_sample(self, step: int, replies: _Step, n_tokens: int, rng: np.random.Generator) -> int:
+        """Fuse the step's replies with renormalized weights and sample the next token.
+
+        A distribution that the fusion kernel rejects (NaN, a duplicate id) drops its
+        expert, and the step is fused again without it.
+        """
         served = [p for p in self.participants if p.name in replies.distributions]
-        total = sum(p.weight for p in served)
-        for participant in served:
-            participant.served += 1
-        weights = np.array([p.weight / total for p in served])
-        distributions = [replies.distributions[p.name] for p in served]
-        return fuse_and_sample(distributions, weights, n_tokens, self.config.sampling.temperature,
-                               self.config.sampling.top_p, rng)
+        while True:
+            total = sum(p.weight for p in served)
+            weights = np.array([p.weight / total for p in served])
+            distributions = [replies.distributions[p.name] for p in served]
+            try:
+                token = fuse_and_sample(distributions, weights, n_tokens, self.config.sampling.temperature,
+                                        self.config.sampling.top_p, rng)
+            except fusion.FusionInputError as exc:
+                if exc.expert is None or not 0 <= exc.expert < len(served):
+                    raise
+                rejected = served.pop(exc.expert)
+                self._drop(rejected, step, "invalid", f"distribution rejected by the fusion kernel: {exc}")
+                if not served:
+                    raise GenerationError(f"request {self.request_id}: every selected expert was dropped",
+                                          self.events) from None
+                continue
+            for participant in served:
+                participant.served += 1
+            return token
 
     def _drop(self, participant: _Participant, step: int, kind: str, reason: str) -> None:
         participant.alive = False

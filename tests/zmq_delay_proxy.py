@@ -1,0 +1,78 @@
+"""A ZeroMQ proxy between one coordinator and one agent that can hold back a step reply.
+
+The coordinator connects its DEALER to the proxy's ROUTER (`endpoint`); the proxy
+forwards every request to the agent through its own DEALER and every reply back. When
+`hold_step` is set, the agent's reply to that step is held until the coordinator's
+request for the next step passes through the proxy, which only happens after the
+coordinator gave up waiting for the held reply. Replies keep their order, so the
+replies after the held one wait behind it. This makes an agent miss the per-step
+deadline for exactly one step without depending on how long anything takes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import msgpack
+import zmq
+
+
+class DelayProxy:
+    """Run the proxy in a thread; use as a context manager to stop it and close its sockets."""
+
+    def __init__(self, agent_endpoint: str, hold_step: int | None = None, max_hold_s: float = 30.0):
+        self.hold_step = hold_step
+        self.max_hold_s = max_hold_s
+        self.held_replies: list[int] = []       # step numbers of replies that were held
+        self._context = zmq.Context()
+        self._frontend = self._context.socket(zmq.ROUTER)
+        self._frontend.setsockopt(zmq.LINGER, 0)
+        self._frontend.bind("tcp://127.0.0.1:0")
+        self.endpoint = self._frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._backend = self._context.socket(zmq.DEALER)
+        self._backend.setsockopt(zmq.LINGER, 0)
+        self._backend.connect(agent_endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="delay-proxy", daemon=True)
+
+    def __enter__(self) -> DelayProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._frontend.close(linger=0)
+        self._backend.close(linger=0)
+        self._context.term()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._frontend, zmq.POLLIN)
+        poller.register(self._backend, zmq.POLLIN)
+        client_identity: bytes | None = None
+        queue: deque[bytes] = deque()          # replies not yet forwarded, in order
+        holding_since: float | None = None     # set while the head of `queue` is held
+
+        while not self._stop.is_set():
+            events = dict(poller.poll(20))
+            if self._frontend in events:
+                client_identity, frame = self._frontend.recv_multipart()
+                request = msgpack.unpackb(frame, raw=False)
+                if holding_since is not None and request.get("op") == "step" and request.get("step") == self.hold_step + 1:
+                    holding_since = None
+                self._backend.send(frame)
+            if self._backend in events:
+                frame = self._backend.recv()
+                reply = msgpack.unpackb(frame, raw=False)
+                if (self.hold_step is not None and reply.get("op") == "step"
+                        and reply.get("step") == self.hold_step and not self.held_replies):
+                    self.held_replies.append(self.hold_step)
+                    holding_since = time.monotonic()
+                queue.append(frame)
+            if holding_since is not None and time.monotonic() - holding_since > self.max_hold_s:
+                holding_since = None
+            while queue and holding_since is None and client_identity is not None:
+                self._frontend.send_multipart([client_identity, queue.popleft()])
