@@ -306,3 +306,23 @@ def test_parse_applications_distributions():
 def test_parse_profile_rejects_other_format():
     with pytest.raises(ValueError, match="not a MoE² profile"):
         parse_profile({"format": "something", "version": 1, "experts": []})
+
+
+def test_loss_table_reads_scoretable_files(tmp_path):
+    """Files written by coordinator.scoretable load here, and both loss codes agree."""
+    from coordinator import scoretable
+
+    rng = np.random.default_rng(8)
+    offsets = np.array([0, 2, 5, 6, 9], dtype=np.int64)
+    logprobs = np.log(rng.dirichlet(np.ones(30), size=(9, 4))[..., 0]).astype(np.float32)
+    written = scoretable.ScoreTable(logprobs=logprobs, offsets=offsets, experts=["a", "b", "c", "d"],
+                                    fingerprints=["fa", "fb", "fc", "fd"], example_ids=["x0", "x1", "x2", "x3"])
+    scoretable.save_score_table(written, tmp_path / "scores.npz")
+    gates = rng.dirichlet(np.ones(4), size=4)
+
+    losses = LossTable(load_score_table(tmp_path / "scores.npz"), gates)
+
+    for mask in range(1, 16):
+        in_subset = np.array([(mask >> n) & 1 for n in range(4)], dtype=float)
+        expected = scoretable.example_losses(written, gates * in_subset).mean()
+        assert losses.loss(mask) == pytest.approx(expected, rel=1e-10)
