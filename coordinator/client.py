@@ -341,22 +341,36 @@ class VocabularyCache:
     def __init__(self, directory: Path | None = None):
         self.directory = directory
         self._memory: dict[str, Vocabulary] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def get(self, client: AgentClient, info: AgentInfo, timeout_s: float) -> Vocabulary:
-        """Return the vocabulary of `info`'s fingerprint, fetching it from `client` once."""
+        """Return the vocabulary of `info`'s fingerprint, fetching it from `client` once.
+
+        Concurrent calls for one fingerprint wait for a single fetch.
+        """
         fingerprint = info.tokenizer_fingerprint
-        vocabulary = self._memory.get(fingerprint) or self._load(fingerprint, info.n_tokens)
-        if vocabulary is None:
-            reply = await client.call("vocab", timeout_s)
-            try:
-                vocabulary = Vocabulary.from_reply(reply)
-            except (ValueError, protocol.ProtocolError) as exc:
-                raise AgentProtocolError(client.name, f"invalid vocab reply: {exc}") from None
-            if vocabulary.n_tokens != info.n_tokens:
-                raise AgentProtocolError(client.name, f"vocab reply has {vocabulary.n_tokens} pieces but info reports n_tokens {info.n_tokens}")
-            log.info("expert %s: fetched vocabulary of %d tokens (fingerprint %s)", client.name, vocabulary.n_tokens, fingerprint)
-            self._save(fingerprint, vocabulary)
-        self._memory[fingerprint] = vocabulary
+        async with self._locks.setdefault(fingerprint, asyncio.Lock()):
+            vocabulary = self._memory.get(fingerprint) or self._load(fingerprint, info.n_tokens)
+            if vocabulary is None:
+                vocabulary = await self._fetch(client, info, timeout_s)
+                self._save(fingerprint, vocabulary)
+            self._memory[fingerprint] = vocabulary
+        if vocabulary.n_tokens != info.n_tokens:
+            raise AgentProtocolError(client.name, f"info reports n_tokens {info.n_tokens}, but the vocabulary of "
+                                     f"tokenizer {fingerprint} has {vocabulary.n_tokens} tokens")
+        return vocabulary
+
+    @staticmethod
+    async def _fetch(client: AgentClient, info: AgentInfo, timeout_s: float) -> Vocabulary:
+        reply = await client.call("vocab", timeout_s)
+        try:
+            vocabulary = Vocabulary.from_reply(reply)
+        except (ValueError, protocol.ProtocolError) as exc:
+            raise AgentProtocolError(client.name, f"invalid vocab reply: {exc}") from None
+        if vocabulary.n_tokens != info.n_tokens:
+            raise AgentProtocolError(client.name, f"vocab reply has {vocabulary.n_tokens} pieces but info reports n_tokens {info.n_tokens}")
+        log.info("expert %s: fetched vocabulary of %d tokens (tokenizer %s)", client.name, vocabulary.n_tokens,
+                 info.tokenizer_fingerprint)
         return vocabulary
 
     def _file(self, fingerprint: str) -> Path:

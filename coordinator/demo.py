@@ -6,7 +6,10 @@ The domain prompts are `models/demo/prompts/*.txt` when the offline pipeline
 as `moe2-agent` processes on 127.0.0.1 with free ports. The trained gate
 `models/demo/gate.onnx` is used when it and the exported embedder
 (`models/cache/embedder/`) exist and know the experts; otherwise the gate values are
-uniform, and the demo says so.
+uniform, and the demo prints that.
+
+The demo prints its own progress lines on stderr, so it shows the coordinator's and
+the agents' log records only from WARNING up, unless `moe2 --log-level DEBUG` is set.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("moe2").setLevel(logging.WARNING)
     try:
         model = model_path("demo")
     except ModelError as exc:

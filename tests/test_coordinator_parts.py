@@ -1,0 +1,214 @@
+"""Coordinator building blocks: top-k selection, stop strings, detokenization, the
+vocabulary cache and the agent client, the last two against real agents on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from coordinator.client import AgentClient, AgentRemoteError, AgentTimeout, Vocabulary, VocabularyCache
+from coordinator.generate import TokenizerMismatchError, check_fingerprints, select_top_k
+from coordinator.result import StopMatcher
+
+
+# --- selection ---------------------------------------------------------------------------
+
+def test_select_top_k_orders_by_gate():
+    assert select_top_k(["a", "b", "c", "d"], [0.1, 0.4, 0.2, 0.3], 2) == [1, 3]
+
+
+def test_select_top_k_ties_go_to_earlier_expert():
+    assert select_top_k(["a", "b", "c", "d"], [0.25, 0.25, 0.25, 0.25], 3) == [0, 1, 2]
+    assert select_top_k(["a", "b", "c"], [0.2, 0.4, 0.4], 1) == [1]
+
+
+def test_check_fingerprints_names_both_experts():
+    check_fingerprints([("a", "f1"), ("b", "f1")])
+    with pytest.raises(TokenizerMismatchError) as info:
+        check_fingerprints([("a", "f1"), ("b", "f1"), ("c", "f2")])
+    assert "expert a has f1" in str(info.value)
+    assert "expert c has f2" in str(info.value)
+
+
+# --- stop strings ------------------------------------------------------------------------
+
+def feed_all(stops: list[str], pieces: list[str]) -> tuple[StopMatcher, list[str], bool]:
+    matcher = StopMatcher(stops)
+    emitted: list[str] = []
+    stopped = False
+    for piece in pieces:
+        if matcher.feed(piece, emitted.append):
+            stopped = True
+            break
+    if not stopped:
+        matcher.finish("", emitted.append)
+    return matcher, emitted, stopped
+
+
+def test_stop_matcher_without_stops_emits_everything():
+    matcher, emitted, stopped = feed_all([], ["Hel", "lo", " world"])
+    assert not stopped
+    assert emitted == ["Hel", "lo", " world"]
+    assert matcher.text == "Hello world"
+
+
+def test_stop_matcher_cuts_stop_split_across_pieces():
+    matcher, emitted, stopped = feed_all(["\n\nQ"], ["Answer one.", "\n", "\n", "Q: next"])
+    assert stopped
+    assert matcher.text == "Answer one."
+    assert "".join(emitted) == "Answer one."
+
+
+def test_stop_matcher_releases_held_prefix_that_diverges():
+    matcher, emitted, stopped = feed_all(["END"], ["x E", "N", "D?"])
+    assert stopped
+    assert matcher.text == "x "
+
+    matcher, emitted, stopped = feed_all(["END"], ["x E", "N", "O"])
+    assert not stopped
+    assert emitted == ["x ", "ENO"]
+    assert matcher.text == "x ENO"
+
+
+def test_stop_matcher_earliest_of_several_stops():
+    matcher, _, stopped = feed_all(["bb", "a"], ["xxbba"])
+    assert stopped
+    assert matcher.text == "xx"
+
+
+# --- vocabulary and detokenization ---------------------------------------------------------
+
+def make_vocabulary(pieces: list[bytes], control: set[int] = frozenset()) -> Vocabulary:
+    offsets = np.zeros(len(pieces) + 1, dtype=np.uint32)
+    np.cumsum([len(p) for p in pieces], out=offsets[1:])
+    attrs = np.array([(1 << 3) if i in control else (1 << 2) for i in range(len(pieces))], dtype=np.int32)
+    return Vocabulary(b"".join(pieces), offsets, attrs)
+
+
+def test_detokenizer_joins_utf8_split_across_tokens():
+    euro = "€".encode("utf-8")
+    vocabulary = make_vocabulary([b"<s>", b"price ", euro[:1], euro[1:2], euro[2:], b"5"], control={0})
+    detokenizer = vocabulary.detokenizer()
+    pieces = [detokenizer.feed(token) for token in (0, 1, 2, 3, 4, 5)]
+    assert pieces == ["", "price ", "", "", "€", "5"]
+    assert detokenizer.flush() == ""
+
+
+def test_detokenizer_flush_replaces_truncated_utf8():
+    vocabulary = make_vocabulary([b"a", "€".encode("utf-8")[:2]])
+    detokenizer = vocabulary.detokenizer()
+    assert detokenizer.feed(0) + detokenizer.feed(1) == "a"
+    assert detokenizer.flush() == "\ufffd"
+
+
+def test_vocabulary_inconsistent_offsets_rejected():
+    with pytest.raises(ValueError, match="offsets"):
+        Vocabulary(b"abc", np.array([0, 2, 1, 3], dtype=np.uint32), np.zeros(3, dtype=np.int32))
+    with pytest.raises(ValueError, match="attributes"):
+        Vocabulary(b"abc", np.array([0, 1, 3], dtype=np.uint32), np.zeros(3, dtype=np.int32))
+
+
+async def fetch_vocabularies(endpoints: list[str], cache: VocabularyCache) -> list[Vocabulary]:
+    context = zmq.asyncio.Context()
+    clients = [AgentClient(f"e{i}", endpoint, context) for i, endpoint in enumerate(endpoints)]
+    try:
+        for client in clients:
+            client.start()
+        infos = await asyncio.gather(*(client.info(10) for client in clients))
+        return list(await asyncio.gather(*(cache.get(c, i, 10) for c, i in zip(clients, infos))))
+    finally:
+        for client in clients:
+            client.close()
+        context.destroy(linger=0)
+
+
+@pytest.mark.timeout(60)
+def test_vocabulary_cache_fetches_once_per_fingerprint(start_agent, tiny_model_path, caplog):
+    first = start_agent(tiny_model_path)
+    second = start_agent(tiny_model_path)
+    cache = VocabularyCache()
+    with caplog.at_level(logging.INFO, logger="moe2.coordinator.client"):
+        vocabularies = asyncio.run(fetch_vocabularies([first.address, second.address], cache))
+
+    fetched = [r for r in caplog.records if "fetched vocabulary" in r.getMessage()]
+    assert len(fetched) == 1
+    assert vocabularies[0] is vocabularies[1]
+    assert vocabularies[0].n_tokens == first.model.vocab.n_tokens
+    text = b"".join(vocabularies[0].piece(t) for t in first.model.vocab.tokenize("hello world", False))
+    assert text.decode("utf-8").strip() == "hello world"
+
+
+@pytest.mark.timeout(60)
+def test_vocabulary_cache_reads_disk_without_fetch(start_agent, tiny_model_path, tmp_path: Path, caplog):
+    agent = start_agent(tiny_model_path)
+    stored = asyncio.run(fetch_vocabularies([agent.address], VocabularyCache(tmp_path)))[0]
+    assert len(list(tmp_path.glob("vocab-*.npz"))) == 1
+
+    with caplog.at_level(logging.INFO, logger="moe2.coordinator.client"):
+        loaded = asyncio.run(fetch_vocabularies([agent.address], VocabularyCache(tmp_path)))[0]
+    assert not [r for r in caplog.records if "fetched vocabulary" in r.getMessage()]
+    assert loaded.pieces == stored.pieces
+    assert np.array_equal(loaded.offsets, stored.offsets)
+    assert np.array_equal(loaded.attrs, stored.attrs)
+
+
+@pytest.mark.timeout(60)
+def test_vocabulary_cache_corrupt_file_refetched(start_agent, tiny_model_path, tmp_path: Path, caplog):
+    agent = start_agent(tiny_model_path)
+    asyncio.run(fetch_vocabularies([agent.address], VocabularyCache(tmp_path)))
+    (path,) = tmp_path.glob("vocab-*.npz")
+    path.write_bytes(b"not a zip file")
+
+    with caplog.at_level(logging.INFO, logger="moe2.coordinator.client"):
+        vocabulary = asyncio.run(fetch_vocabularies([agent.address], VocabularyCache(tmp_path)))[0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("unreadable" in m for m in messages)
+    assert any("fetched vocabulary" in m for m in messages)
+    assert vocabulary.n_tokens == agent.model.vocab.n_tokens
+
+
+# --- agent client --------------------------------------------------------------------------
+
+async def call_once(endpoint: str, op: str, timeout_s: float, **fields) -> dict:
+    context = zmq.asyncio.Context()
+    client = AgentClient("e", endpoint, context)
+    try:
+        client.start()
+        return await client.call(op, timeout_s, **fields)
+    finally:
+        client.close()
+        context.destroy(linger=0)
+
+
+@pytest.mark.timeout(30)
+def test_client_timeout_names_operation_and_endpoint():
+    # A bound socket that never replies stands in for a hung agent.
+    context = zmq.Context()
+    silent = context.socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.bind("tcp://127.0.0.1:0")
+    endpoint = silent.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        with pytest.raises(AgentTimeout) as info:
+            asyncio.run(call_once(endpoint, "info", 0.3))
+    finally:
+        silent.close(linger=0)
+        context.term()
+    assert "info timed out after 0.3 s" in str(info.value)
+    assert endpoint in str(info.value)
+
+
+@pytest.mark.timeout(30)
+def test_client_error_reply_raises_remote_error(start_agent, tiny_model_path):
+    agent = start_agent(tiny_model_path)
+    with pytest.raises(AgentRemoteError) as info:
+        asyncio.run(call_once(agent.address, "step", 5.0, session="missing", step=1, token=5,
+                              format={"kind": "dense"}))
+    assert info.value.code == "unknown_session"
+    assert "step failed" in str(info.value)
