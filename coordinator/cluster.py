@@ -168,8 +168,24 @@ def composition_table(subjects: list[str], counts: np.ndarray, top: int = 4) -> 
     return "\n".join(lines)
 
 
+def pick_exemplars(examples: list[Example], nearest: np.ndarray, count: int, max_chars: int | None) -> list[int]:
+    """Return up to `count` indices from `nearest` (closest first), preferring short exemplars.
+
+    Exemplars longer than `max_chars` are used only when too few short ones exist, so a
+    domain prompt stays cheap to prefill on an edge device.
+    """
+    def length(i: int) -> int:
+        e = examples[i]
+        return len(format_question(e.question, e.choices, e.answer)) if e.is_multiple_choice else len(e.prompt)
+
+    short = [int(i) for i in nearest if max_chars is None or length(int(i)) <= max_chars]
+    chosen = short[:count]
+    chosen += [int(i) for i in nearest if int(i) not in chosen][:count - len(chosen)]
+    return chosen
+
+
 def run_clustering(examples: list[Example], embeddings: np.ndarray, k: int, seed: int, output: Path,
-                   exemplars: int, meta: dict) -> dict:
+                   exemplars: int, meta: dict, max_exemplar_chars: int | None = None) -> dict:
     """Cluster, then write every output file; return the summary written to clusters.json."""
     result = kmeans(embeddings, k, seed)
     subjects = [e.subject for e in examples]
@@ -192,10 +208,11 @@ def run_clustering(examples: list[Example], embeddings: np.ndarray, k: int, seed
                           "id": examples[i].id, "subject": examples[i].subject}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         prompt_path = output / "prompts" / f"domain_{c}.txt"
-        prompt_path.write_text(domain_prompt([examples[i] for i in nearest[:exemplars]], top), encoding="utf-8")
+        chosen = pick_exemplars(examples, nearest, exemplars, max_exemplar_chars)
+        prompt_path.write_text(domain_prompt([examples[i] for i in chosen], top), encoding="utf-8")
         clusters.append({"cluster": c, "size": int(len(members)), "top_subjects": top,
                          "domain_prompt": str(prompt_path.relative_to(output)),
-                         "exemplar_ids": [examples[i].id for i in nearest[:exemplars]],
+                         "exemplar_ids": [examples[i].id for i in chosen],
                          "composition": {names[i]: int(counts[c, i]) for i in np.flatnonzero(counts[c])}})
 
     with open(output / "assignments.jsonl", "w", encoding="utf-8") as f:
@@ -240,6 +257,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="K-means seed (default: 0)")
     parser.add_argument("--exemplars", type=int, default=3,
                         help="exemplars nearest the centroid in each domain prompt (default: 3)")
+    parser.add_argument("--max-exemplar-chars", type=int, default=600,
+                        help="prefer exemplars of at most this many characters, so domain prompts stay short "
+                             "(default: 600; 0 turns the limit off)")
     parser.add_argument("--embedder", type=Path, default=None,
                         help="embedder folder (default: the model cache's embedder folder, see `moe2 export-embedder`)")
     parser.add_argument("--output", type=Path, required=True, help="folder for the cluster files")
@@ -267,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
         embeddings = embedder.embed([e.question or e.prompt for e in examples])
         meta = {"data": str(args.data), "splits": splits if args.data.is_dir() else None,
                 "dataset_hash": dataset_hash(examples), "embedder": embedder.describe()}
-        summary = run_clustering(examples, embeddings, k, args.seed, args.output, args.exemplars, meta)
+        summary = run_clustering(examples, embeddings, k, args.seed, args.output, args.exemplars, meta,
+                                 args.max_exemplar_chars or None)
     except (ClusterError, DatasetError, EmbedderError) as exc:
         log.error("%s", exc)
         return 1

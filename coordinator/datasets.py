@@ -50,7 +50,7 @@ class Example:
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How multiple-choice prompts are built: k-shot exemplars (0 = zero-shot)."""
+    """Multiple-choice prompt layout: the number of k-shot exemplars (0 = zero-shot)."""
 
     shots: int = 0
 

@@ -6,8 +6,8 @@ output order by name and fingerprint, so `Gate.for_experts` can map gate outputs
 the configured experts. By the gate-of-a-subset property of the MoE² gate, the gate of a
 subset of the experts it was trained on is its output renormalized over that subset.
 
-With no gate configured, `Gate.uniform` returns equal values, and every output says so
-(`GateOutput.uniform`), so the coordinator can report it in its log and result.
+With no gate configured, `Gate.uniform_for` returns equal values and marks every output
+with `GateOutput.uniform = True`, so the coordinator can report it in its log and result.
 
 This module never imports PyTorch.
 """
@@ -129,8 +129,8 @@ class Gate:
     def for_experts(self, names: list[str], fingerprints: list[str | None] | None = None) -> Gate:
         """Return a gate whose values follow `names`, matched by fingerprint where given, else by name.
 
-        A configured expert that the gate was not trained on raises GateError. Experts the
-        gate knows but the configuration lacks are left out, and the values are renormalized
+        A configured expert that the gate was not trained on raises GateError. Experts of
+        the gate that the configuration lacks are left out, and the values are renormalized
         over the rest.
         """
         if self.uniform:

@@ -1,9 +1,9 @@
 """`moe2 train-gate`: train the gating network on a score table and export it to ONNX.
 
 The gate maps a prompt embedding x to softmax weights over N experts. Its MLP has two
-hidden layers (128 units by default) with PReLU and dropout; the input of every layer
-and the last activation are concatenated before the output layer (the residual
-connections of the MoE² gate). Training minimizes the mixture negative log-likelihood
+hidden layers (128 units by default) with PReLU and dropout. The input of every layer
+and the last activation are concatenated before the output layer, which gives the
+residual connections of the MoE² gate. Training minimizes the mixture negative log-likelihood
 over cached target log-probabilities,
 
     loss(x, y) = - sum_t log sum_n softmax(MLP(x))_n * p_n,t,
@@ -89,7 +89,7 @@ def build_model(dim: int, n_experts: int, settings: TrainSettings):
             self.hidden = nn.ModuleList(nn.Linear(widths[i], widths[i + 1]) for i in range(settings.layers))
             self.activations = nn.ModuleList(nn.PReLU() for _ in range(settings.layers))
             self.dropout = nn.Dropout(settings.dropout)
-            # The output layer sees the input of every hidden layer plus the last activation.
+            # The output layer takes the input of every hidden layer plus the last activation.
             self.output = nn.Linear(sum(widths), n_experts)
 
         def logits(self, x):
