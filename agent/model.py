@@ -126,6 +126,7 @@ class ExpertModel:
     def _finish_loading(self) -> None:
         config = self.config
         self.vocab = Vocabulary(self._model.vocab)
+        self._scratch = np.empty(self.vocab.n_tokens, dtype=np.float32)
         self.model_name = self._model.metadata().get("general.name") or config.model.stem
         self.sessions: dict[str, Session] = {}
         # A stack: the most recently freed slot is reused first; slot 0 is used first.
@@ -265,7 +266,7 @@ class ExpertModel:
 
     def _distribution(self, logits: np.ndarray, fmt: DistributionFormat) -> dict:
         try:
-            return distributions.encode(logits, fmt)
+            return distributions.encode(logits, fmt, self._scratch)
         except distributions.NonFiniteLogits as exc:
             raise ModelError(f"the model produced invalid logits: {exc}") from exc
 

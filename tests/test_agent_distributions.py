@@ -129,3 +129,32 @@ def test_token_logprob_matches_log_softmax():
 
     for token in (0, 17, 999):
         assert distributions.token_logprob(logits, token) == pytest.approx(full[token], abs=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["normal", "sample_misses_top", "ties", "one_peak"])
+def test_top_m_on_large_vocabulary(pattern):
+    rng = np.random.default_rng(4)
+    n, m = 262_144, 256
+    if pattern == "normal":
+        logits = random_logits(rng, n)
+    elif pattern == "sample_misses_top":
+        # Every SAMPLE_STRIDE-th logit is the highest, so the sampled threshold is too high.
+        logits = random_logits(rng, n)
+        logits[::distributions.SAMPLE_STRIDE] += 50.0
+        logits[1::distributions.SAMPLE_STRIDE] += 100.0
+    elif pattern == "ties":
+        logits = np.zeros(n, dtype=np.float32)
+    else:
+        logits = np.full(n, -5.0, dtype=np.float32)
+        logits[12345] = 20.0
+    full = reference_log_softmax(logits)
+
+    ids, logprobs, tail = distributions.top_m(logits, m)
+
+    assert ids.shape == (m,)
+    assert np.unique(ids).size == m
+    # Any valid top-m: no logit left out is larger than the smallest one kept.
+    left_out = np.setdiff1d(np.arange(n), ids)
+    assert logits[left_out].max() <= logits[ids].min()
+    assert np.abs(logprobs - full[ids]).max() < TOLERANCE
+    assert tail == pytest.approx(max(0.0, 1.0 - np.exp(full[ids]).sum()), abs=1e-6)
