@@ -116,8 +116,9 @@ class PendingReply:
     expert: str
     op: str
     request_id: int
-    sent_at: float
+    sent_at: float                    # time.monotonic() seconds
     future: asyncio.Future
+    received_at: float | None = None  # when the reply was read from the socket
 
 
 class AgentClient:
@@ -235,6 +236,7 @@ class AgentClient:
                 continue
             if pending.future.done():
                 continue
+            pending.received_at = time.monotonic()
             error = self._reply_error(pending, message)
             if error is None:
                 pending.future.set_result(message)

@@ -8,44 +8,31 @@ distributions with those weights, samples one token, sends it to every selected 
 as the next step, and repeats until an end-of-generation token, a stop string or the
 token limit.
 
-Stragglers and failures:
-- The first distribution (prompt prefill) waits for every expert up to
-  `timeouts.open_s`, because prefill time grows with the prompt length.
-- A later step waits up to `timeouts.step_deadline_s` after the token was sent.
-  Experts whose reply is missing then are left out of that step, and the weights are
-  renormalized over the experts that replied. If none replied by then, the step takes
-  the first reply that arrives.
-- A late expert still receives every token. The agent handles requests in order, so
-  its owed replies arrive later, are matched by request id and step number, counted
-  (compute time, energy) and discarded. It serves again from the first step whose
-  reply arrives in time.
-- An expert that replies with an error, loses its connection, sends an invalid reply,
-  or owes a reply for longer than `timeouts.open_s` or `timeouts.step_s` is dropped for
-  the rest of the request. The request fails only when no expert is left.
+Experts that miss a step's deadline are left out of that step, and the weights are
+renormalized over the experts that replied; experts that fail are dropped for the
+rest of the request (see coordinator.steps). The request fails only when no expert is
+left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import zmq.asyncio
 
-from agent import protocol
 from agent.protocol import Distribution, DistributionFormat
 from coordinator import fusion
-from coordinator.client import (AgentClient, AgentError, AgentInfo, AgentProtocolError, PendingReply,
-                                Vocabulary, VocabularyCache)
+from coordinator.client import AgentClient, AgentError, AgentInfo, Vocabulary, VocabularyCache
 from coordinator.config import Config
 from coordinator.gating import Gate
-from coordinator.result import ExpertEvent, ExpertReport, GenerationResult, StopMatcher
+from coordinator.result import ExpertEvent, GenerationResult, StepTimings, StopMatcher
+from coordinator.steps import NoExpertLeftError, Participant, StepExchange, StepReplies
 
 log = logging.getLogger("moe2.coordinator.generate")
 
@@ -76,45 +63,6 @@ class _Expert:
     @property
     def ready(self) -> bool:
         return self.info is not None and self.vocabulary is not None
-
-
-@dataclass
-class _OwedReply:
-    step: int
-    pending: PendingReply
-    timeout_s: float
-
-
-@dataclass
-class _Participant:
-    """One selected expert during one request."""
-
-    expert: _Expert
-    gate: float
-    weight: float
-    owed: deque[_OwedReply] = field(default_factory=deque)
-    alive: bool = True
-    served: int = 0
-    late: int = 0
-    dropped_at_step: int | None = None
-    drop_reason: str | None = None
-    compute_s: float = 0.0
-    energy_j: float = 0.0
-    energy_known: bool = True
-    replies: int = 0
-    meter: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.expert.name
-
-
-@dataclass
-class _Step:
-    """Replies gathered for one step: distribution and reported compute time by expert."""
-
-    distributions: dict[str, Distribution] = field(default_factory=dict)
-    compute_s: dict[str, float] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -257,49 +205,47 @@ class _Request:
         self.on_token = on_token
         self.request_id = uuid.uuid4().hex[:12]
         self.events: list[ExpertEvent] = []
-        self.participants: list[_Participant] = []
+        self.participants: list[Participant] = []
         self.format = (DistributionFormat("dense") if config.distribution_format == "dense"
                        else DistributionFormat("sparse", config.top_m))
-
-    # --- the loop ---------------------------------------------------------------------
 
     async def execute(self) -> GenerationResult:
         started = time.monotonic()
         gates, uniform, gate_s = self.coordinator._gate_values(self.prompt)
         if uniform:
             log.info("request %s: no trained gate configured, using uniform gate values", self.request_id)
-        self._select(gates)
+        first = self._select(gates)
+        exchange = StepExchange(self.request_id, self.participants, self.format, self.config.timeouts,
+                                first.info.n_tokens, self.events)
 
         seed = self.config.sampling.seed
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2**63)
         rng = np.random.default_rng(seed)
-        first = self.participants[0].expert
-        n_tokens = first.info.n_tokens
         eos_ids = set(first.info.eos_ids)
         detokenizer = first.vocabulary.detokenizer()
         stops = StopMatcher(self.config.sampling.stop)
 
         tokens: list[int] = []
         token_times: list[float] = []
-        overheads: list[float] = []
+        timings = StepTimings()
         stop_reason = "max_tokens"
         try:
             sent_at = time.monotonic()
-            for participant in self.participants:
-                self._send(participant, "open", 0, {"prompt": self.prompt}, self.config.timeouts.open_s)
+            exchange.send_open(self.prompt)
             step = 0
             while True:
                 deadline_s = self.config.timeouts.open_s if step == 0 else self.config.timeouts.step_deadline_s
-                replies = await self._collect(step, sent_at, deadline_s, n_tokens)
-                token = self._fuse_and_sample(step, replies, n_tokens, rng)
+                replies = await exchange.collect(step, sent_at, deadline_s)
+                token = self._fuse_and_sample(exchange, step, replies, rng)
                 now = time.monotonic()
                 if step > 0:
-                    overheads.append(now - sent_at - max(replies.compute_s.values()))
+                    timings.add(replies, sent_at, now)
                 tokens.append(token)
                 token_times.append(now)
                 if self.on_token is not None:
                     self.on_token(len(tokens) - 1, token)
+
                 if token in eos_ids:
                     stop_reason = "eos"
                     break
@@ -308,20 +254,22 @@ class _Request:
                     break
                 if len(tokens) >= self.config.sampling.max_tokens:
                     break
+
                 step += 1
                 sent_at = time.monotonic()
-                for participant in self._alive():
-                    self._send(participant, "step", step, {"step": step, "token": token}, self.config.timeouts.step_s)
+                exchange.send_step(step, token)
             if stop_reason != "stop":
                 stops.finish(detokenizer.flush(), self._emit)
+        except NoExpertLeftError as exc:
+            raise GenerationError(str(exc), self.events) from None
         finally:
-            await self._close_sessions()
+            await exchange.close_sessions()
 
         finished = time.monotonic()
         return GenerationResult.build(
             request_id=self.request_id, text=stops.text, tokens=tokens, stop_reason=stop_reason,
-            experts=[self._report(p) for p in self.participants], events=self.events,
-            started=started, token_times=token_times, finished=finished, overheads_s=overheads,
+            experts=[p.report() for p in self.participants], events=self.events,
+            started=started, token_times=token_times, finished=finished, timings=timings,
             gate_s=gate_s, gate_uniform=uniform, seed=seed, top_k=self.config.top_k,
             distribution=self.format.to_wire())
 
@@ -329,11 +277,12 @@ class _Request:
         if text and self.on_text is not None:
             self.on_text(text)
 
-    def _select(self, gates: dict[str, float]) -> None:
+    def _select(self, gates: dict[str, float]) -> _Expert:
+        """Choose the top-k available experts of S, set their weights, and return the first."""
         experts = self.coordinator._experts
         for name in self.config.subset:
             if not experts[name].ready:
-                self._event(None, name, "unavailable", experts[name].error or "handshake did not complete")
+                self._record_unavailable(name, experts[name].error or "handshake did not complete")
         candidates = [name for name in self.config.subset if experts[name].ready]
         if not candidates:
             raise GenerationError(f"request {self.request_id}: no expert of the subset is available", self.events)
@@ -345,111 +294,19 @@ class _Request:
             # Gate values are positive (softmax), but fall back to equal weights if the
             # chosen ones sum to zero, so the fusion never divides by zero.
             weight = candidate_gates[index] / total if total > 0 else 1.0 / len(chosen)
-            self.participants.append(_Participant(experts[candidates[index]], candidate_gates[index], weight))
+            expert = experts[candidates[index]]
+            self.participants.append(Participant(expert.name, expert.client, candidate_gates[index], weight))
         log.info("request %s: selected %s", self.request_id,
                  ", ".join(f"{p.name} (gate {p.gate:.4f}, weight {p.weight:.4f})" for p in self.participants))
+        return experts[self.participants[0].name]
 
-    def _alive(self) -> list[_Participant]:
-        return [participant for participant in self.participants if participant.alive]
+    def _record_unavailable(self, name: str, detail: str) -> None:
+        event = ExpertEvent(None, name, "unavailable", detail)
+        self.events.append(event)
+        log.warning("request %s: %s", self.request_id, event.describe())
 
-    def _send(self, participant: _Participant, op: str, step: int, fields: dict, timeout_s: float) -> None:
-        """Send `open` (step 0) or `step`; the participant then owes the reply."""
-        pending = participant.expert.client.submit(op, session=self.request_id, format=self.format.to_wire(), **fields)
-        participant.owed.append(_OwedReply(step, pending, timeout_s))
-
-    async def _collect(self, step: int, sent_at: float, deadline_s: float, n_tokens: int) -> _Step:
-        """Wait for the step's replies until the deadline, consuming owed older replies."""
-        deadline_at = sent_at + deadline_s
-        replies = _Step()
-        while True:
-            for participant in self._alive():
-                self._consume_done(participant, step, n_tokens, replies)
-            now = time.monotonic()
-            for participant in self._alive():
-                if participant.name in replies.distributions:
-                    continue
-                oldest = participant.owed[0]
-                if now - oldest.pending.sent_at >= oldest.timeout_s:
-                    self._drop(participant, step, "timeout",
-                               f"no reply to {oldest.pending.op} step {oldest.step} within {oldest.timeout_s:g} s")
-            if not self._alive():
-                raise GenerationError(f"request {self.request_id}: every selected expert was dropped", self.events)
-
-            waiting = [p for p in self._alive() if p.name not in replies.distributions]
-            if not waiting or (replies.distributions and now >= deadline_at):
-                break
-            # Wake at the deadline or the earliest timeout. Before any reply has come
-            # in, the deadline is ignored: the step takes the first reply to arrive.
-            wake_at = min(p.owed[0].pending.sent_at + p.owed[0].timeout_s for p in waiting)
-            if replies.distributions:
-                wake_at = min(wake_at, deadline_at)
-            futures = [owed.pending.future for p in waiting for owed in p.owed]
-            await asyncio.wait(futures, timeout=max(0.0, wake_at - now), return_when=asyncio.FIRST_COMPLETED)
-
-        for participant in self._alive():
-            if participant.name not in replies.distributions:
-                participant.late += 1
-                self._event(step, participant.name, "late",
-                            f"no reply within the deadline of {deadline_s:g} s; left out of this step")
-        return replies
-
-    def _consume_done(self, participant: _Participant, step: int, n_tokens: int, replies: _Step) -> None:
-        """Take the participant's finished replies in order; keep the one for `step`."""
-        while participant.alive and participant.owed and participant.owed[0].pending.future.done():
-            owed = participant.owed.popleft()
-            future = owed.pending.future
-            if future.cancelled():
-                continue
-            error = future.exception()
-            if error is not None:
-                kind = error.kind if isinstance(error, AgentError) else "error"
-                detail = error.detail if isinstance(error, AgentError) else str(error)
-                self._drop(participant, step, kind, f"{owed.pending.op} step {owed.step}: {detail}")
-                return
-            try:
-                distribution, compute_s = self._read_distribution(participant, owed, future.result(), n_tokens)
-            except AgentProtocolError as exc:
-                self._drop(participant, step, exc.kind, exc.detail)
-                return
-            if owed.step == step:
-                replies.distributions[participant.name] = distribution
-                replies.compute_s[participant.name] = compute_s
-            else:
-                log.debug("request %s: expert %s: consumed late reply for step %d at step %d",
-                          self.request_id, participant.name, owed.step, step)
-
-    def _read_distribution(self, participant: _Participant, owed: _OwedReply, reply: dict,
-                           n_tokens: int) -> tuple[Distribution, float]:
-        """Validate a distribution reply and account its compute time and energy."""
-        name = participant.name
-        if reply.get("step") != owed.step:
-            raise AgentProtocolError(name, f"reply to step {owed.step} carries step {reply.get('step')!r}")
-        compute_s = reply.get("compute_s")
-        if not isinstance(compute_s, (int, float)) or isinstance(compute_s, bool) or not compute_s >= 0:
-            raise AgentProtocolError(name, f"reply to step {owed.step} has compute_s {compute_s!r}")
-        try:
-            distribution = protocol.decode_distribution(reply.get("dist"))
-        except protocol.ProtocolError as exc:
-            raise AgentProtocolError(name, f"reply to step {owed.step}: {exc.message}") from None
-        if distribution.kind != self.format.kind:
-            raise AgentProtocolError(name, f"reply to step {owed.step} is {distribution.kind}, requested {self.format.kind}")
-        if distribution.kind == "dense" and distribution.logprobs.size != n_tokens:
-            raise AgentProtocolError(name, f"dense reply to step {owed.step} has {distribution.logprobs.size} entries, expected {n_tokens}")
-        if distribution.kind == "sparse" and distribution.ids.size and (
-                int(distribution.ids.min()) < 0 or int(distribution.ids.max()) >= n_tokens):
-            raise AgentProtocolError(name, f"sparse reply to step {owed.step} has token ids outside 0..{n_tokens - 1}")
-
-        participant.replies += 1
-        participant.compute_s += float(compute_s)
-        participant.meter = str(reply.get("meter") or participant.meter or "")
-        energy = reply.get("energy_j")
-        if isinstance(energy, (int, float)) and not isinstance(energy, bool) and math.isfinite(energy):
-            participant.energy_j += float(energy)
-        else:
-            participant.energy_known = False
-        return distribution, float(compute_s)
-
-    def _fuse_and_sample(self, step: int, replies: _Step, n_tokens: int, rng: np.random.Generator) -> int:
+    def _fuse_and_sample(self, exchange: StepExchange, step: int, replies: StepReplies,
+                         rng: np.random.Generator) -> int:
         """Fuse the step's replies with renormalized weights and sample the next token.
 
         A distribution that the fusion kernel rejects (NaN, a duplicate id) drops its
@@ -461,13 +318,13 @@ class _Request:
             weights = np.array([p.weight / total for p in served])
             distributions = [replies.distributions[p.name] for p in served]
             try:
-                token = fuse_and_sample(distributions, weights, n_tokens, self.config.sampling.temperature,
+                token = fuse_and_sample(distributions, weights, exchange.n_tokens, self.config.sampling.temperature,
                                         self.config.sampling.top_p, rng)
             except fusion.FusionInputError as exc:
                 if exc.expert is None or not 0 <= exc.expert < len(served):
                     raise
                 rejected = served.pop(exc.expert)
-                self._drop(rejected, step, "invalid", f"distribution rejected by the fusion kernel: {exc}")
+                exchange.drop(rejected, step, "invalid", f"distribution rejected by the fusion kernel: {exc}")
                 if not served:
                     raise GenerationError(f"request {self.request_id}: every selected expert was dropped",
                                           self.events) from None
@@ -475,79 +332,6 @@ class _Request:
             for participant in served:
                 participant.served += 1
             return token
-
-    def _drop(self, participant: _Participant, step: int, kind: str, reason: str) -> None:
-        participant.alive = False
-        participant.dropped_at_step = step
-        participant.drop_reason = f"{kind}: {reason}"
-        for owed in participant.owed:
-            participant.expert.client.forget(owed.pending)
-        participant.owed.clear()
-        self._event(step, participant.name, "dropped", participant.drop_reason)
-
-    def _event(self, step: int | None, expert: str, kind: str, detail: str) -> None:
-        event = ExpertEvent(step, expert, kind, detail)
-        self.events.append(event)
-        log.warning("request %s: %s", self.request_id, event.describe())
-
-    async def _close_sessions(self) -> None:
-        """Close the session on every selected agent that is still connected.
-
-        Owed step replies of late experts arrive before the close reply (agents handle
-        requests in order) and are consumed for their compute time and energy. Each
-        wait is bounded by `timeouts.close_s`.
-        """
-        timeout_s = self.config.timeouts.close_s
-        closes = []
-        for participant in self.participants:
-            client = participant.expert.client
-            if participant.drop_reason and participant.drop_reason.startswith("disconnected"):
-                continue
-            closes.append((participant, client.submit("close", session=self.request_id)))
-
-        futures = [pending.future for _, pending in closes]
-        futures += [owed.pending.future for p in self._alive() for owed in p.owed]
-        if futures:
-            await asyncio.wait(futures, timeout=timeout_s)
-        for participant in self._alive():
-            self._consume_owed_at_end(participant)
-        for participant, pending in closes:
-            if not pending.future.done():
-                participant.expert.client.forget(pending)
-                log.info("request %s: expert %s: close timed out after %g s", self.request_id, participant.name, timeout_s)
-            elif pending.future.exception() is not None:
-                log.info("request %s: expert %s: close failed: %s", self.request_id, participant.name,
-                         pending.future.exception())
-
-    def _consume_owed_at_end(self, participant: _Participant) -> None:
-        """Account the owed replies that arrived before the close; forget the rest."""
-        n_tokens = participant.expert.info.n_tokens
-        while participant.owed:
-            owed = participant.owed.popleft()
-            future = owed.pending.future
-            if not future.done():
-                participant.expert.client.forget(owed.pending)
-                continue
-            if future.cancelled():
-                continue
-            if future.exception() is not None:
-                log.info("request %s: expert %s: owed reply to step %d failed after the last token: %s",
-                         self.request_id, participant.name, owed.step, future.exception())
-                continue
-            try:
-                self._read_distribution(participant, owed, future.result(), n_tokens)
-            except AgentProtocolError as exc:
-                log.info("request %s: expert %s: invalid owed reply after the last token: %s",
-                         self.request_id, participant.name, exc.detail)
-
-    def _report(self, participant: _Participant) -> ExpertReport:
-        return ExpertReport(
-            name=participant.name, gate=participant.gate, weight=participant.weight,
-            served_steps=participant.served, late_steps=participant.late,
-            dropped_at_step=participant.dropped_at_step, drop_reason=participant.drop_reason,
-            compute_s=participant.compute_s, replies=participant.replies,
-            energy_j=participant.energy_j if participant.energy_known and participant.replies else None,
-            meter=participant.meter)
 
 
 def fuse_and_sample(distributions: Sequence[Distribution], weights: np.ndarray, n_tokens: int,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -45,6 +45,38 @@ class ExpertReport:
     meter: str | None
 
 
+@dataclass
+class StepTimings:
+    """Timing samples in seconds of the steps after the first token.
+
+    overhead: step latency (token sent to next token sampled) minus the compute time
+        of the slowest expert that served the step.
+    local: from the arrival of the last reply that was fused to the sampled token:
+        the coordinator's own work (decoding, fusion, sampling).
+    transport: per reply, round trip minus the agent's compute time: encoding,
+        ZeroMQ, and waiting in the agent's and the coordinator's queues.
+    """
+
+    overhead: list[float] = field(default_factory=list)
+    local: list[float] = field(default_factory=list)
+    transport: list[float] = field(default_factory=list)
+
+    def add(self, replies, sent_at: float, sampled_at: float) -> None:
+        """Record one step from its gathered replies (see generate._Step)."""
+        served = list(replies.distributions)
+        self.overhead.append(sampled_at - sent_at - max(replies.compute_s[name] for name in served))
+        self.local.append(sampled_at - max(replies.arrived_at[name] for name in served))
+        self.transport.extend(replies.transport_s[name] for name in served)
+
+
+def _mean_ms(values: Sequence[float]) -> float | None:
+    return float(np.mean(values) * 1000) if len(values) else None
+
+
+def _p95_ms(values: Sequence[float]) -> float | None:
+    return float(np.percentile(values, 95) * 1000) if len(values) else None
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     request_id: str
@@ -60,6 +92,8 @@ class GenerationResult:
     total_s: float                        # from the request's start (gate included) to its end
     overhead_mean_ms: float | None        # per step: latency minus the slowest served expert's compute
     overhead_p95_ms: float | None
+    local_mean_ms: float | None           # per step: last fused reply's arrival to the sampled token
+    transport_mean_ms: float | None       # per reply: round trip minus the agent's compute
     energy_j: float | None                # sum over experts; None if any expert's energy is unknown
     gate_s: float
     gate_uniform: bool
@@ -77,7 +111,7 @@ class GenerationResult:
     @classmethod
     def build(cls, *, request_id: str, text: str, tokens: list[int], stop_reason: str,
               experts: list[ExpertReport], events: list[ExpertEvent], started: float,
-              token_times: Sequence[float], finished: float, overheads_s: Sequence[float],
+              token_times: Sequence[float], finished: float, timings: StepTimings,
               gate_s: float, gate_uniform: bool, seed: int, top_k: int, distribution: dict) -> GenerationResult:
         """Derive the timing figures from monotonic timestamps in seconds."""
         latencies = np.diff(np.asarray(token_times, dtype=np.float64))
@@ -91,8 +125,10 @@ class GenerationResult:
             token_latency_p95_s=float(np.percentile(latencies, 95)) if latencies.size else None,
             tokens_per_s=len(tokens) / total_s if tokens and total_s > 0 else None,
             total_s=total_s,
-            overhead_mean_ms=float(np.mean(overheads_s) * 1000) if len(overheads_s) else None,
-            overhead_p95_ms=float(np.percentile(overheads_s, 95) * 1000) if len(overheads_s) else None,
+            overhead_mean_ms=_mean_ms(timings.overhead),
+            overhead_p95_ms=_p95_ms(timings.overhead),
+            local_mean_ms=_mean_ms(timings.local),
+            transport_mean_ms=_mean_ms(timings.transport),
             energy_j=None if any(e is None for e in energies) else float(sum(energies)),
             gate_s=gate_s, gate_uniform=gate_uniform, seed=seed, top_k=top_k, distribution=distribution)
 

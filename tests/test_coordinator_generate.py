@@ -175,6 +175,25 @@ def test_generate_stalled_expert_skips_one_step(start_agent, tiny_model_path, gr
     assert b.replies == N_TOKENS
 
 
+@pytest.mark.timeout(120)
+def test_generate_hung_expert_dropped_after_step_timeout(start_agent, tiny_model_path, greedy_reference):
+    first = start_agent(tiny_model_path)
+    second = start_agent(tiny_model_path)
+    with DelayProxy(second.address, hold_step=3, release_on_next_step=False, max_hold_s=60) as proxy:
+        config = make_config({"a": first.address, "b": proxy.endpoint}, top_k=2, step_deadline_s=0.2, step_s=1.0)
+        result = generate(config)
+
+    assert result.tokens == greedy_reference["tokens"]
+    b = report(result, "b")
+    assert b.dropped_at_step is not None
+    assert b.dropped_at_step > 3
+    assert b.drop_reason.startswith("timeout: no reply to step 3 within 1 s")
+    assert b.served_steps == 3
+    late_steps = [e.step for e in result.events if e.expert == "b" and e.kind == "late"]
+    assert late_steps == list(range(3, b.dropped_at_step))
+    assert served(result)["a"] == N_TOKENS
+
+
 # --- 5. tokenizer mismatch ------------------------------------------------------------------
 
 @pytest.mark.timeout(60)

@@ -7,6 +7,9 @@ request for the next step passes through the proxy, which only happens after the
 coordinator gave up waiting for the held reply. Replies keep their order, so the
 replies after the held one wait behind it. This makes an agent miss the per-step
 deadline for exactly one step without depending on how long anything takes.
+
+With `release_on_next_step=False` the held reply (and every reply after it) waits
+`max_hold_s`, which stands in for an agent that hangs.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import zmq
 class DelayProxy:
     """Run the proxy in a thread; use as a context manager to stop it and close its sockets."""
 
-    def __init__(self, agent_endpoint: str, hold_step: int | None = None, max_hold_s: float = 30.0):
+    def __init__(self, agent_endpoint: str, hold_step: int | None = None, max_hold_s: float = 30.0,
+                 release_on_next_step: bool = True):
         self.hold_step = hold_step
         self.max_hold_s = max_hold_s
+        self.release_on_next_step = release_on_next_step
         self.held_replies: list[int] = []       # step numbers of replies that were held
         self._context = zmq.Context()
         self._frontend = self._context.socket(zmq.ROUTER)
@@ -61,7 +66,8 @@ class DelayProxy:
             if self._frontend in events:
                 client_identity, frame = self._frontend.recv_multipart()
                 request = msgpack.unpackb(frame, raw=False)
-                if holding_since is not None and request.get("op") == "step" and request.get("step") == self.hold_step + 1:
+                next_step = request.get("op") == "step" and request.get("step") == self.hold_step + 1
+                if holding_since is not None and next_step and self.release_on_next_step:
                     holding_since = None
                 self._backend.send(frame)
             if self._backend in events:
