@@ -7,9 +7,10 @@ greedily from the same prompt, and every step is split into
 - the coordinator overhead: the step latency (token sent to next token sampled)
   minus that compute time. It contains msgpack encoding in the agent, ZeroMQ on
   loopback, decoding, fusion, sampling and the asyncio loop.
-The overhead is split further into the coordinator's local work per step (from the
-arrival of the last fused reply to the sampled token) and the transport per reply
-(round trip minus compute), and the fusion and sampling call is timed on its own.
+The overhead is split further into two parts. The coordinator's local work per step
+runs from the arrival of the last fused reply to the sampled token. The transport
+per reply is its round trip minus the agent's compute time. The fusion and sampling
+call is also timed on its own.
 The median round trip of `ping` through the same client gives the transport floor.
 
 Baseline in the same run: the same GGUF decoded directly with llama-cpp-python in

@@ -1,11 +1,11 @@
 """Asyncio client for one agent: a ZeroMQ DEALER socket, requests matched to replies by id.
 
-Each request gets a fresh integer id; the agent echoes it, so replies may arrive in any
-order and late. `submit` returns the pending reply at once, so the generation loop can
-keep a step reply that missed its deadline and consume it later. Every `call` has a
-timeout. A socket monitor reports a lost TCP connection, which fails every pending
-request of that agent with `AgentDisconnected` instead of letting it wait for its
-timeout.
+Each request gets a fresh integer id, and the agent echoes it, so replies may arrive in
+any order and late. `submit` returns the pending reply at once, so the generation loop
+can keep a step reply that missed its deadline and consume it later. Every `call` has
+a timeout. A socket monitor reports a lost TCP connection. It fails every pending
+request of that agent with `AgentDisconnected`, and so does every request made before
+ZeroMQ has reconnected, instead of letting them wait for their timeouts.
 
 Vocabularies (`vocab`) are fetched once per tokenizer fingerprint and kept by
 `VocabularyCache`, in memory and optionally on disk, so the coordinator detokenizes
@@ -128,6 +128,9 @@ class AgentClient:
         self.name = name
         self.endpoint = endpoint
         self.connected = False
+        # Set when the connection drops and cleared when it is back. Requests made in
+        # between fail at once instead of waiting in the queue for their timeout.
+        self.lost = False
         self._context = context
         self._ids = itertools.count(1)
         self._pending: dict[int, PendingReply] = {}
@@ -178,11 +181,15 @@ class AgentClient:
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         pending = PendingReply(self.name, op, request_id, time.monotonic(), future)
+        if self.lost:
+            future.set_exception(AgentDisconnected(self.name, f"request not sent: connection to {self.endpoint} is lost, reconnecting"))
+            future.exception()  # the caller sees it through the future; mark it retrieved
+            return pending
         frame = protocol.pack(protocol.request(op, request_id, **fields))
         try:
             self._socket.send(frame, flags=zmq.DONTWAIT)
         except zmq.Again:
-            future.set_exception(AgentDisconnected(self.name, f"{op} not sent: send queue full, agent at {self.endpoint} unreachable"))
+            future.set_exception(AgentDisconnected(self.name, f"request not sent: send queue full, agent at {self.endpoint} unreachable"))
             future.exception()  # the caller sees it through the future; mark it retrieved
             return pending
         self._pending[request_id] = pending
@@ -268,9 +275,13 @@ class AgentClient:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_CONNECTED:
                 self.connected = True
+                if self.lost:
+                    log.info("expert %s: reconnected to %s", self.name, self.endpoint)
+                self.lost = False
                 log.debug("expert %s: connected to %s", self.name, self.endpoint)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.connected = False
+                self.lost = True
                 log.warning("expert %s: connection to %s lost; failing %d pending requests",
                             self.name, self.endpoint, len(self._pending))
                 self._fail_pending(lambda: AgentDisconnected(self.name, f"connection to {self.endpoint} lost"))

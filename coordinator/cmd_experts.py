@@ -1,7 +1,7 @@
 """`moe2 experts`: a table of the configured agents with their `info` and health.
 
 Every configured expert is asked for `info` and a `ping`, all at once, each bounded by
-`timeouts.handshake_s`. The exit status is 0 when every expert answered, 1 otherwise.
+`timeouts.handshake_s`. The exit status is 0 when every expert replied, 1 otherwise.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""`moe2 generate "prompt"`: answer a prompt with the selected experts, streaming the text.
+"""`moe2 generate "prompt"`: generate a completion with the selected experts, streaming it.
 
-The answer goes to stdout as it is generated, and a short summary to stderr, so the
-answer can be piped on its own. With --json nothing is streamed, and stdout gets one
+The generated text goes to stdout as it is produced, and a short summary to stderr, so
+the text can be piped on its own. With --json nothing is streamed, and stdout gets one
 JSON object with the text, tokens and all figures of the result.
 """
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = asyncio.run(_generate(config, gate, args.prompt, stream=not args.json))
-    except GenerationError as exc:
+    except (GenerationError, GateError) as exc:
         print(f"moe2 generate: {exc}", file=sys.stderr)
         return 1
 
@@ -125,5 +125,8 @@ def format_summary(result: GenerationResult) -> str:
                  f"per token {_seconds(result.token_latency_mean_s, 1000, 'ms')} mean, "
                  f"{_seconds(result.token_latency_p95_s, 1000, 'ms')} p95; "
                  f"{'n/a' if result.tokens_per_s is None else f'{result.tokens_per_s:.3g}'} tokens/s")
+    if result.overhead_mean_ms is not None:
+        lines.append(f"coordinator overhead per step: {result.overhead_mean_ms:.2f} ms mean "
+                     f"(step latency minus the slowest expert's compute time)")
     lines.append(f"energy: {_joules(result.energy_j)} in total")
     return "\n".join(lines)

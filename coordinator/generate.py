@@ -1,12 +1,12 @@
-"""Fused generation: several agents answer one prompt together, token by token.
+"""Fused generation: several agents generate one completion together, token by token.
 
 For a prompt x the coordinator computes the gate values g(x), keeps the experts of the
 subset S that completed their handshake, takes the k with the largest g (ties go to the
 expert listed first in the configuration) and weights them w_n = g_n / sum of g over
-the k. It opens a session on the k agents at once, fuses their next-token
-distributions with those weights, samples one token, sends it to every selected agent
-as the next step, and repeats until an end-of-generation token, a stop string or the
-token limit.
+the k. It opens a session on the k agents at once and fuses their next-token
+distributions with those weights. It samples one token from the fused distribution
+and sends it to every selected agent as the next step. The loop ends at an
+end-of-generation token, a stop string or the token limit.
 
 Experts that miss a step's deadline are left out of that step, and the weights are
 renormalized over the experts that replied; experts that fail are dropped for the
@@ -68,9 +68,9 @@ class _Expert:
 class Coordinator:
     """Connections to the configured agents and the fused generation loop.
 
-    Use as `async with Coordinator(config) as coordinator:`; entering connects and runs
-    the handshake with every expert of the subset S, and raises TokenizerMismatchError
-    before any generation if their tokenizers differ.
+    Use as `async with Coordinator(config) as coordinator:`. Entering connects and runs
+    the handshake with every expert of the subset S. It raises TokenizerMismatchError
+    before any generation when their tokenizers differ.
     """
 
     def __init__(self, config: Config, gate: Gate | None = None,
@@ -131,8 +131,8 @@ class Coordinator:
             expert.client.close()
         self._experts = {}
         if self._context is not None:
-            # Every socket is closed above; destroy() also closes any left open, so
-            # terminating the context can never block.
+            # The clients closed their sockets above. destroy() closes any socket still
+            # open before terminating, so a forgotten socket cannot block term().
             self._context.destroy(linger=0)
             self._context = None
 
@@ -143,7 +143,7 @@ class Coordinator:
                        seed: int | None = None, stop: list[str] | None = None,
                        on_text: Callable[[str], None] | None = None,
                        on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Generate an answer to `prompt` with the top-k experts of S.
+        """Generate a completion of `prompt` with the top-k experts of S.
 
         Keyword arguments override the configuration for this request. `on_text` gets
         each new piece of text as soon as it is final (text that might begin a stop

@@ -32,7 +32,7 @@ class AgentStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class AgentSpec:
-    """What to serve: an expert name, a GGUF file and optional domain prompt and options."""
+    """Settings of one local agent: expert name, GGUF file, optional domain prompt and options."""
 
     name: str
     model: Path

@@ -153,6 +153,32 @@ def test_generate_killed_expert_dropped_others_finish(tiny_model_path, greedy_re
     assert result.request_id in logged[0]
 
 
+@pytest.mark.timeout(120)
+def test_generate_stopped_agent_fails_fast_next_request(start_agent, tiny_model_path, greedy_reference):
+    first = start_agent(tiny_model_path)
+    second = start_agent(tiny_model_path)
+    config = make_config({"a": first.address, "b": second.address}, top_k=2)
+
+    async def two_requests() -> tuple[GenerationResult, GenerationResult]:
+        async with Coordinator(config) as coordinator:
+            before = await coordinator.generate(PROMPT)
+            second.stop()
+            # Give the socket monitor time to report the closed connection.
+            await asyncio.sleep(1.0)
+            after = await coordinator.generate(PROMPT)
+            return before, after
+
+    before, after = asyncio.run(two_requests())
+
+    assert before.events == []
+    assert after.tokens == greedy_reference["tokens"]
+    b = report(after, "b")
+    assert b.dropped_at_step == 0
+    # "request not sent" shows that the open failed at once, instead of waiting in
+    # the queue for timeouts.open_s and being dropped as a timeout.
+    assert b.drop_reason.startswith("disconnected: open: request not sent")
+
+
 # --- 4. an agent that misses the deadline for one step ------------------------------------
 
 @pytest.mark.timeout(120)

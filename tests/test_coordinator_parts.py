@@ -188,7 +188,7 @@ async def call_once(endpoint: str, op: str, timeout_s: float, **fields) -> dict:
 
 @pytest.mark.timeout(30)
 def test_client_timeout_names_operation_and_endpoint():
-    # A bound socket that never replies stands in for a hung agent.
+    # A bound socket that never replies simulates a hung agent.
     context = zmq.Context()
     silent = context.socket(zmq.ROUTER)
     silent.setsockopt(zmq.LINGER, 0)

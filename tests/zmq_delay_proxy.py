@@ -1,7 +1,7 @@
 """A ZeroMQ proxy between one coordinator and one agent that can hold back a step reply.
 
-The coordinator connects its DEALER to the proxy's ROUTER (`endpoint`); the proxy
-forwards every request to the agent through its own DEALER and every reply back. When
+The coordinator connects its DEALER to the proxy's ROUTER (`endpoint`). The proxy
+forwards every request to the agent through its own DEALER, and every reply back. When
 `hold_step` is set, the agent's reply to that step is held until the coordinator's
 request for the next step passes through the proxy, which only happens after the
 coordinator gave up waiting for the held reply. Replies keep their order, so the
