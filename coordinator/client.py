@@ -186,14 +186,29 @@ class AgentClient:
             future.exception()  # the caller sees it through the future; mark it retrieved
             return pending
         frame = protocol.pack(protocol.request(op, request_id, **fields))
-        try:
-            self._socket.send(frame, flags=zmq.DONTWAIT)
-        except zmq.Again:
-            future.set_exception(AgentDisconnected(self.name, f"request not sent: send queue full, agent at {self.endpoint} unreachable"))
-            future.exception()  # the caller sees it through the future; mark it retrieved
-            return pending
         self._pending[request_id] = pending
+        # With DONTWAIT the send completes at once, and a full queue (ZMQ_SNDHWM
+        # requests waiting for an unreachable agent) sets zmq.Again on the returned
+        # future instead of blocking.
+        sent = self._socket.send(frame, flags=zmq.DONTWAIT)
+        if sent.done():
+            self._check_sent(pending, sent)
+        else:
+            sent.add_done_callback(lambda done: self._check_sent(pending, done))
         return pending
+
+    def _check_sent(self, pending: PendingReply, sent: asyncio.Future) -> None:
+        error = None if sent.cancelled() else sent.exception()
+        if error is None:
+            return
+        self._pending.pop(pending.request_id, None)
+        if isinstance(error, zmq.Again):
+            message = f"request not sent: send queue full, agent at {self.endpoint} unreachable"
+        else:
+            message = f"request not sent: {error}"
+        if not pending.future.done():
+            pending.future.set_exception(AgentDisconnected(self.name, message))
+            pending.future.exception()  # the caller sees it through the future; mark it retrieved
 
     def forget(self, pending: PendingReply) -> None:
         """Stop waiting for a reply; if it arrives later it is counted and dropped."""
@@ -291,6 +306,7 @@ class AgentClient:
         for item in pending.values():
             if not item.future.done():
                 item.future.set_exception(make_error())
+                item.future.exception()  # a caller may never wait for it; mark it retrieved
 
 
 # --- vocabulary ---------------------------------------------------------------------------

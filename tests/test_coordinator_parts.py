@@ -12,7 +12,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from coordinator.client import AgentClient, AgentRemoteError, AgentTimeout, Vocabulary, VocabularyCache
+from coordinator.client import (AgentClient, AgentDisconnected, AgentRemoteError, AgentTimeout, Vocabulary,
+                                VocabularyCache)
 from coordinator.generate import TokenizerMismatchError, check_fingerprints, select_top_k
 from coordinator.result import StopMatcher
 
@@ -212,3 +213,26 @@ def test_client_error_reply_raises_remote_error(start_agent, tiny_model_path):
                               format={"kind": "dense"}))
     assert info.value.code == "unknown_session"
     assert "step failed" in str(info.value)
+
+
+@pytest.mark.timeout(30)
+def test_client_full_send_queue_fails_request():
+    async def flood() -> list:
+        context = zmq.asyncio.Context()
+        # Nothing listens on port 9 (discard) of loopback, so requests stay queued.
+        client = AgentClient("gone", "tcp://127.0.0.1:9", context)
+        try:
+            client.start()
+            pending = [client.submit("ping") for _ in range(1200)]
+            await asyncio.sleep(0)
+            return [p.future.exception() if p.future.done() else None for p in pending]
+        finally:
+            client.close()
+            context.destroy(linger=0)
+
+    errors = asyncio.run(flood())
+    assert errors[0] is None, "the first requests wait in the queue"
+    failed = [e for e in errors if e is not None]
+    assert failed, "requests beyond ZMQ_SNDHWM must fail instead of blocking"
+    assert all(isinstance(e, AgentDisconnected) for e in failed)
+    assert "send queue full" in str(failed[0])
