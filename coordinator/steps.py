@@ -33,6 +33,10 @@ from coordinator.result import ExpertEvent, ExpertReport
 
 log = logging.getLogger("moe2.coordinator.generate")
 
+# Late steps of one expert logged at WARNING per request; later ones go to DEBUG, so a
+# consistently slow expert cannot flood the log. The result lists every one.
+LATE_WARNINGS = 3
+
 
 class NoExpertLeftError(RuntimeError):
     """Every selected expert of a request was dropped."""
@@ -149,8 +153,11 @@ class StepExchange:
         for participant in self.alive():
             if participant.name not in replies.distributions:
                 participant.late += 1
-                self.event(step, participant.name, "late",
-                            f"no reply within the deadline of {deadline_s:g} s; left out of this step")
+                detail = f"no reply within the deadline of {deadline_s:g} s; left out of this step"
+                if participant.late == LATE_WARNINGS:
+                    detail += "; its further late steps in this request are logged at DEBUG"
+                level = logging.WARNING if participant.late <= LATE_WARNINGS else logging.DEBUG
+                self.event(step, participant.name, "late", detail, level)
         return replies
 
     def _consume_done(self, participant: Participant, step: int, replies: StepReplies) -> None:
@@ -222,10 +229,11 @@ class StepExchange:
         participant.owed.clear()
         self.event(step, participant.name, "dropped", participant.drop_reason)
 
-    def event(self, step: int | None, expert: str, kind: str, detail: str) -> None:
+    def event(self, step: int | None, expert: str, kind: str, detail: str, level: int = logging.WARNING) -> None:
+        """Record an event in the result and log it with the request id."""
         event = ExpertEvent(step, expert, kind, detail)
         self.events.append(event)
-        log.warning("request %s: %s", self.request_id, event.describe())
+        log.log(level, "request %s: %s", self.request_id, event.describe())
 
     async def close_sessions(self) -> None:
         """Close the session on every selected agent that is still connected.
