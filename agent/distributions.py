@@ -94,6 +94,6 @@ def encode(logits: np.ndarray, fmt: protocol.DistributionFormat, scratch: np.nda
     return protocol.encode_sparse(ids, logprobs, tail)
 
 
-def token_logprob(logits: np.ndarray, token: int) -> float:
+def token_logprob(logits: np.ndarray, token: int, scratch: np.ndarray | None = None) -> float:
     """Return log p(token) under `logits` (float64)."""
-    return float(logits[token]) - log_normalizer(logits)
+    return float(logits[token]) - log_normalizer(logits, scratch)

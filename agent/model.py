@@ -447,30 +447,27 @@ class ExpertModel:
 
     def _score(self, tokens: np.ndarray, continuation: np.ndarray) -> np.ndarray:
         seq = self.score_seq
-        n_domain = len(self.domain_tokens)
         logprobs = np.empty(len(continuation), dtype=np.float32)
 
-        if len(tokens):
-            # The prompt's last token is decoded with the continuation, so the
-            # distribution of continuation[0] comes out of the same decode calls.
-            self._fill(seq, tokens[:-1], with_logits=False)
-            forced = np.concatenate([tokens[-1:], continuation[:-1]])
-            first_target = 0
-        else:
-            # Only the domain prompt precedes the continuation, and its logits are kept.
-            self._fill(seq, tokens, with_logits=False)
-            logprobs[0] = distributions.token_logprob(self._domain_logits, int(continuation[0]))
-            forced = continuation[:-1]
-            first_target = 1
-        position = n_domain + max(len(tokens) - 1, 0)
+        # The prompt is decoded exactly as `open` decodes it, so logprobs[0] equals the
+        # step-0 distribution of a session on the same prompt.
+        logits = self._fill(seq, tokens)
+        logprobs[0] = distributions.token_logprob(logits, int(continuation[0]), self._scratch)
 
+        # NOTE: the continuation is decoded SCORE_OUTPUTS_PER_DECODE tokens per call.
+        # llama.cpp's CPU kernels differ with batch size: on the Q4_K_M demo model
+        # (llama-cpp-python 0.3.36, x86_64) single tokens then differ by up to 3 nats
+        # from one-token steps, while the mean log-likelihood agrees to 0.01 nats.
+        forced = continuation[:-1]
+        position = len(self.domain_tokens) + len(tokens)
         chunk_size = min(SCORE_OUTPUTS_PER_DECODE, self._batch_capacity)
         for start in range(0, len(forced), chunk_size):
             chunk = forced[start:start + chunk_size]
             self._decode(seq, chunk, position + start, outputs=list(range(len(chunk))))
             for i in range(len(chunk)):
-                target = first_target + start + i
-                logprobs[target] = distributions.token_logprob(self._logits(i), int(continuation[target]))
+                target = start + i + 1
+                logprobs[target] = distributions.token_logprob(self._logits(i), int(continuation[target]),
+                                                               self._scratch)
         return logprobs
 
     # --- description -----------------------------------------------------------------
