@@ -15,16 +15,19 @@ Arrays travel as raw little-endian bytes, never as per-element msgpack lists:
 
 Operations and their fields (every field listed is required unless marked optional):
 
-    info   -> see `InfoReply` fields in the agent
+    info   -> model, vocabulary, limits and meter of the agent (fields listed in
+              agent/server.py, `AgentServer.info_fields`)
     vocab  -> {"pieces": BIN, "offsets": ARRAY <u4 of n_tokens + 1, "attrs": ARRAY <i4}
     open   {"session": STR, "prompt": STR or ARRAY <i4 of token ids,
-            "format": FORMAT, optional "add_bos": BOOL (default true)}
+            "format": FORMAT, optional "add_bos": BOOL (default true, text prompts only)}
            -> DISTRIBUTION with "step": 0
     step   {"session": STR, "step": INT >= 1, "token": INT, "format": FORMAT}
            -> DISTRIBUTION with "step" echoed
     close  {"session": STR} -> {}
     score  {"prompt": STR or ARRAY <i4, "continuation": ARRAY <i4, optional "add_bos"}
-           -> {"logprobs": ARRAY <f4 (one per continuation token), "compute_s", energy}
+           -> {"logprobs": ARRAY <f4 (one per continuation token),
+               "n_prompt": INT tokens before the continuation, domain prompt included,
+               "compute_s", "energy_j", "meter", "energy" as in DISTRIBUTION}
     ping   -> {"time": FLOAT unix seconds}
 
     FORMAT = {"kind": "dense"} | {"kind": "sparse", "m": INT >= 1}

@@ -174,11 +174,25 @@ class AgentServer:
 
     # --- operations ------------------------------------------------------------------
 
-    def _info(self, message: dict) -> dict:
-        protocol.check_fields(message, set())
+    def info_fields(self) -> dict:
+        """Return the fields of an `info` reply.
+
+        name, model (GGUF general.name), model_file, model_sha256, model_desc, n_params;
+        n_vocab, n_tokens (real tokens), vocab_type, tokenizer_fingerprint, bos_id,
+        eos_id, eot_id, special_ids, stop_ids, add_bos; n_ctx (per session, domain
+        prompt included), n_ctx_train, max_sessions, open_sessions; device ("cpu" or
+        "gpu"), n_gpu_layers, n_threads, flash_attn; lora (file, sha256, scale) and
+        domain_prompt (sha256, n_tokens), each None when absent; energy_meter (name,
+        method, update_interval_s); llama_cpp_python, version, protocol_version,
+        max_frame_bytes, idle_timeout (seconds) and endpoint.
+        """
         return {**self.model.info(), "version": __version__, "protocol_version": protocol.PROTOCOL_VERSION,
                 "max_frame_bytes": self.config.max_frame_bytes, "idle_timeout": self.config.idle_timeout,
                 "endpoint": self.endpoint}
+
+    def _info(self, message: dict) -> dict:
+        protocol.check_fields(message, set())
+        return self.info_fields()
 
     def _vocab(self, message: dict) -> dict:
         protocol.check_fields(message, set())
