@@ -8,6 +8,10 @@ where a default exists):
     endpoint = "tcp://127.0.0.1:5555"
     # curve_server_key = "..."   # reserved for ZeroMQ CURVE; rejected until supported
 
+    [[experts]]
+    name = "law"
+    endpoint = "tcp://10.0.0.12:5555"      # plain TCP: only on a trusted network
+
     [gating]                     # absent: uniform gate values
     gate = "models/demo/gate.onnx"          # with gate.json beside it
     embedder = "models/cache/embedder"      # folder with model.onnx and tokenizer.json
@@ -57,6 +61,7 @@ DEFAULT_TOP_M = 256
 EMBEDDER_ONNX = "model.onnx"
 EMBEDDER_TOKENIZER = "tokenizer.json"
 
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TCP_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]+)$")
 
@@ -76,6 +81,14 @@ class ExpertConfig:
     name: str
     endpoint: str
     curve_server_key: str | None = None
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the endpoint is reachable only from this machine (ipc or a loopback host)."""
+        if self.endpoint.startswith("ipc://"):
+            return True
+        match = _TCP_ENDPOINT.match(self.endpoint)
+        return bool(match) and match.group("host") in _LOOPBACK_HOSTS
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,12 @@ class Coordinator:
         """
         self._context = zmq.asyncio.Context()
         for name in self.config.subset:
-            client = AgentClient(name, self.config.expert(name).endpoint, self._context)
+            expert = self.config.expert(name)
+            if not expert.is_loopback:
+                log.warning("expert %s: traffic to %s is neither authenticated nor encrypted "
+                            "(ZeroMQ CURVE is not supported yet); use it only on a trusted network",
+                            name, expert.endpoint)
+            client = AgentClient(name, expert.endpoint, self._context)
             client.start()
             self._experts[name] = _Expert(name, client)
         await asyncio.gather(*(self._handshake(expert) for expert in self._experts.values()))

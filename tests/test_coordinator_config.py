@@ -202,3 +202,16 @@ def test_config_overrides_applied():
     assert config.sampling.max_tokens == 5
     assert config.sampling.temperature == 0.0
     assert config.sampling.seed == 3
+
+
+@pytest.mark.parametrize("endpoint, loopback", [
+    ("tcp://127.0.0.1:5555", True),
+    ("tcp://localhost:5555", True),
+    ("tcp://[::1]:5555", True),
+    ("ipc:///run/moe2/agent.sock", True),
+    ("tcp://10.0.0.12:5555", False),
+    ("tcp://orin-3.local:5555", False),
+])
+def test_config_expert_loopback_detected(endpoint: str, loopback: bool):
+    config = parse_config({"experts": [{"name": "a", "endpoint": endpoint}]})
+    assert config.experts[0].is_loopback is loopback
