@@ -8,8 +8,8 @@ distributions with those weights. It samples one token from the fused distributi
 and sends it to every selected agent as the next step. The loop ends at an
 end-of-generation token, a stop string or the token limit.
 
-Experts that miss a step's deadline are left out of that step, and the weights are
-renormalized over the experts that replied; experts that fail are dropped for the
+An expert that misses a step's deadline is left out of that step, and the weights are
+renormalized over the experts that replied. An expert that fails is dropped for the
 rest of the request (see coordinator.steps). The request fails only when no expert is
 left.
 """
@@ -151,8 +151,8 @@ class Coordinator:
         """Generate a completion of `prompt` with the top-k experts of S.
 
         Keyword arguments override the configuration for this request. `on_text` gets
-        each new piece of text as soon as it is final (text that might begin a stop
-        string is held back); `on_token` gets (index, token id) for each sampled token.
+        each new piece of text as soon as it is final, so text that might begin a stop
+        string is held back. `on_token` gets (index, token id) for each sampled token.
         Raises GenerationError when no expert is left.
         """
         if not self._experts:

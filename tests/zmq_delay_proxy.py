@@ -9,7 +9,7 @@ replies after the held one wait behind it. This makes an agent miss the per-step
 deadline for exactly one step without depending on how long anything takes.
 
 With `release_on_next_step=False` the held reply (and every reply after it) waits
-`max_hold_s`, which stands in for an agent that hangs.
+`max_hold_s`, which simulates an agent that hangs.
 """
 
 from __future__ import annotations
