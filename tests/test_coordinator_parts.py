@@ -12,10 +12,14 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from coordinator.client import (AgentClient, AgentDisconnected, AgentRemoteError, AgentTimeout, Vocabulary,
-                                VocabularyCache)
+from agent import protocol
+from agent.protocol import DistributionFormat
+from coordinator.client import (AgentClient, AgentDisconnected, AgentRemoteError, AgentTimeout, PendingReply,
+                                Vocabulary, VocabularyCache)
+from coordinator.config import TimeoutConfig
 from coordinator.generate import TokenizerMismatchError, check_fingerprints, select_top_k
-from coordinator.result import StopMatcher
+from coordinator.result import GenerationResult, StepTimings, StopMatcher
+from coordinator.steps import OwedReply, Participant, StepExchange
 
 
 # --- selection ---------------------------------------------------------------------------
@@ -236,3 +240,46 @@ def test_client_full_send_queue_fails_request():
     assert failed, "requests beyond ZMQ_SNDHWM must fail instead of blocking"
     assert all(isinstance(e, AgentDisconnected) for e in failed)
     assert "send queue full" in str(failed[0])
+
+
+# --- energy accounting ---------------------------------------------------------------------
+
+def distribution_reply(step: int, energy_j: float | None) -> dict:
+    """A `step` reply as agent.protocol defines it, with a one-token sparse distribution."""
+    ids = np.array([3], dtype=np.int32)
+    logprobs = np.array([-0.1], dtype=np.float32)
+    return {"v": 1, "op": "step", "id": step, "ok": True, "step": step, "n_past": 5 + step,
+            "dist": protocol.encode_sparse(ids, logprobs, 0.05), "compute_s": 0.01,
+            "energy_j": energy_j, "meter": "tegrastats", "energy": None}
+
+
+def account(energies: list[float | None]) -> Participant:
+    participant = Participant("e", client=None, gate=0.5, weight=1.0)
+    exchange = StepExchange("r1", [participant], DistributionFormat("sparse", 1), TimeoutConfig(), 10, [])
+    for step, energy in enumerate(energies, start=1):
+        owed = OwedReply(step, PendingReply("e", "step", step, 0.0, None), 1.0)
+        exchange._read_distribution(participant, owed, distribution_reply(step, energy))
+    return participant
+
+
+def test_energy_summed_when_every_reply_reports_it():
+    report = account([0.5, 0.25, 1.0]).report()
+    assert report.energy_j == pytest.approx(1.75)
+    assert report.replies == 3
+    assert report.compute_s == pytest.approx(0.03)
+    assert report.meter == "tegrastats"
+
+
+def test_energy_unknown_when_one_reply_lacks_it():
+    assert account([0.5, None, 1.0]).report().energy_j is None
+
+
+def test_energy_total_unknown_unless_every_expert_known():
+    known = account([0.5, 0.5]).report()
+    unknown = account([None]).report()
+    timings = StepTimings()
+    common = dict(request_id="r1", text="", tokens=[3], stop_reason="eos", events=[], started=0.0,
+                  token_times=[0.1], finished=0.2, timings=timings, gate_s=0.0, gate_uniform=True, seed=1,
+                  top_k=2, distribution={"kind": "sparse", "m": 1})
+    assert GenerationResult.build(experts=[known, known], **common).energy_j == pytest.approx(2.0)
+    assert GenerationResult.build(experts=[known, unknown], **common).energy_j is None
