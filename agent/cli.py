@@ -51,7 +51,7 @@ def configure_logging(level: str) -> None:
 
 
 def create_meter(config: AgentConfig) -> EnergyMeter:
-    # Validation guarantees the name is one of config.ENERGY_METERS.
+    # Only the `none` meter exists so far, and validation rejects every other name.
     return NoneMeter()
 
 

@@ -11,8 +11,8 @@ accepted too and echoed back). The server checks the frame size before decoding:
 
 Every other request gets exactly one reply. Invalid requests get an error reply that
 names the field, and the server goes on serving the other sessions. An unexpected
-exception inside an operation is logged with its traceback and answered with an
-`internal` error.
+exception inside an operation is logged with its traceback and gets an `internal`
+error reply.
 
 The loop polls with a short timeout, so `stop()` (from a signal handler or another
 thread) ends it within `POLL_INTERVAL_S`. Idle sessions are expired from the same loop.

@@ -9,8 +9,8 @@
   `@pytest.mark.demo_model`.
 - `start_agent(model_path, **settings)`: a real agent (ExpertModel + AgentServer) on
   tcp://127.0.0.1 with a free port, serving from a background thread. `settings` are
-  AgentConfig keys (n_ctx, max_sessions, domain_prompt, lora, ...). Every agent is
-  stopped and its socket and model freed at teardown.
+  AgentConfig keys (n_ctx, max_sessions, domain_prompt, lora, ...); n_threads defaults
+  to 1. Every agent is stopped and its socket and model freed at teardown.
 - `agent_client(address, timeout_s=10)`: an `agent.client.AgentClient`, closed at
   teardown.
 """
