@@ -22,7 +22,8 @@ from pathlib import Path
 import zmq
 
 from agent.config import OPTIONS, AgentConfig, ConfigError, load_config
-from agent.energy import EnergyMeter, NoneMeter
+import agent.energy
+from agent.energy import EnergyMeter, MeterUnavailable
 from agent.model import ExpertModel, ModelError
 from agent.sdnotify import Notifier
 from agent.server import AgentServer
@@ -51,8 +52,14 @@ def configure_logging(level: str) -> None:
 
 
 def create_meter(config: AgentConfig) -> EnergyMeter:
-    # Only the `none` meter exists so far, and validation rejects every other name.
-    return NoneMeter()
+    """Open the configured meter; a named meter that cannot measure raises MeterUnavailable."""
+    options = {
+        "interval_ms": config.energy_interval_ms,
+        "watts_per_core": config.energy_watts_per_core,
+        "device_index": config.energy_device_index,
+    }
+    return agent.energy.create_meter(
+        config.energy_meter, **{key: value for key, value in options.items() if value is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("could not bind %s: %s; choose another address with --bind", config.bind, exc)
         return 1
 
-    meter = create_meter(config)
+    try:
+        meter = create_meter(config)
+    except MeterUnavailable as exc:
+        log.error("energy meter %r is unavailable: %s; choose another with --energy-meter "
+                  "(auto falls back to none)", config.energy_meter, exc)
+        server.close()
+        return 1
     try:
         server.model = ExpertModel(config, meter)
     except (ModelError, OSError) as exc:

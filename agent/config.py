@@ -33,7 +33,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
-ENERGY_METERS = ("none",)
+# Meter names of agent.energy.METER_NAMES, repeated here so validating settings does
+# not import the meter backends.
+ENERGY_METERS = ("auto", "jtop", "tegrastats", "nvml", "rapl", "estimate", "none")
 FLASH_ATTN_MODES = ("auto", "on", "off")
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's limit on sequence ids (llama_max_parallel_sequences() in llama.cpp of
@@ -95,7 +97,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_frame_bytes", int, 4 << 20,
            "largest request frame in bytes; larger frames are rejected before decoding "
            "(default: 4194304)", "BYTES"),
-    Option("energy_meter", str, "none", f"energy meter: {', '.join(ENERGY_METERS)} (default: none)", "NAME"),
+    Option("energy_meter", str, "auto",
+           f"energy meter: {', '.join(ENERGY_METERS)} (default: auto, which tries jtop, "
+           "tegrastats, NVML and RAPL in that order and reports null energy when none works)", "NAME"),
+    Option("energy_interval_ms", int, None,
+           "sampling interval of power-sampling meters (jtop, tegrastats, NVML fallback) in "
+           "milliseconds (default: the meter's own)", "MS"),
+    Option("energy_watts_per_core", float, None,
+           "watts per busy CPU core for the `estimate` meter; its energy is labelled "
+           "estimated, never measured", "WATTS"),
+    Option("energy_device_index", int, None, "NVML index of the GPU to meter (default: 0)", "INDEX"),
     Option("log_level", str, "INFO", "logging level on stderr (default: INFO)", "LEVEL"),
 )
 OPTION_BY_KEY = {option.key: option for option in OPTIONS}
@@ -119,7 +130,10 @@ class AgentConfig:
     flash_attn: str = "auto"
     idle_timeout: float = 600.0
     max_frame_bytes: int = 4 << 20
-    energy_meter: str = "none"
+    energy_meter: str = "auto"
+    energy_interval_ms: int | None = None
+    energy_watts_per_core: float | None = None
+    energy_device_index: int | None = None
     log_level: str = "INFO"
     # Text of `domain_prompt`, read during validation so the file is read only once.
     domain_prompt_text: str | None = field(default=None, compare=False, repr=False)
@@ -280,6 +294,16 @@ def _validate(config: AgentConfig, sources: dict[str, str], problems: list[str])
         problems.append(f"{where('max_frame_bytes')} must be between 4096 and {1 << 30}, got {config.max_frame_bytes}")
     if config.energy_meter not in ENERGY_METERS:
         problems.append(f"{where('energy_meter')} {config.energy_meter!r} is not one of: {', '.join(ENERGY_METERS)}")
+    if config.energy_interval_ms is not None and not 1 <= config.energy_interval_ms <= 60_000:
+        problems.append(f"{where('energy_interval_ms')} must be between 1 and 60000 ms, got {config.energy_interval_ms}")
+    if config.energy_device_index is not None and config.energy_device_index < 0:
+        problems.append(f"{where('energy_device_index')} must be 0 or more, got {config.energy_device_index}")
+    if config.energy_watts_per_core is not None and not (
+            math.isfinite(config.energy_watts_per_core) and config.energy_watts_per_core > 0):
+        problems.append(f"{where('energy_watts_per_core')} must be positive watts, got {config.energy_watts_per_core}")
+    if config.energy_meter == "estimate" and config.energy_watts_per_core is None:
+        problems.append(f"{where('energy_meter')} 'estimate' needs energy_watts_per_core "
+                        "(watts per busy CPU core, for example 4.5)")
     if not isinstance(logging.getLevelName(config.log_level.upper()), int):
         problems.append(f"{where('log_level')} {config.log_level!r} is not a logging level "
                         "(DEBUG, INFO, WARNING, ERROR)")

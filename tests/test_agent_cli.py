@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +160,30 @@ def test_taken_port_exits_with_error(run_agent, tiny_model_path):
     assert "loaded" not in stderr, "the model was loaded before the bind failed"
     first.process.send_signal(signal.SIGTERM)
     assert first.finish()[0] == 0
+
+
+def test_estimate_meter_labels_reply_energy(run_agent, tiny_model_path):
+    agent = run_agent("--model", str(tiny_model_path), "--bind", "tcp://127.0.0.1:*", "--n-threads", "1",
+                      "--energy-meter", "estimate", "--energy-watts-per-core", "5")
+    address = agent.wait_for(SERVING).group(1)
+
+    with AgentClient(address, timeout_s=10) as client:
+        result = client.open("s", "the quick brown fox")
+
+    assert result.meter == "estimate"
+    assert result.energy["method"] == "estimated"
+    assert result.energy_j is not None and result.energy_j >= 0.0
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.finish()[0] == 0
+
+
+@pytest.mark.skipif(shutil.which("tegrastats") is not None, reason="tegrastats is available on this machine")
+def test_unavailable_meter_exits_with_reason(run_agent, tiny_model_path):
+    agent = run_agent("--model", str(tiny_model_path), "--bind", "tcp://127.0.0.1:*", "--n-threads", "1",
+                      "--energy-meter", "tegrastats")
+
+    status, stderr = agent.finish()
+
+    assert status == 1
+    assert "energy meter 'tegrastats' is unavailable" in stderr
+    assert "Traceback" not in stderr

@@ -105,14 +105,14 @@ def test_all_problems_are_reported_at_once(tiny_model_path, tmp_path):
     config_file = write_toml(tmp_path / "agent.toml", 'n_ctx = "big"\nmax_sessions = true\n')
 
     problems = problems_of({"model": tiny_model_path, "bind": "localhost:5555", "idle_timeout": 0.0,
-                            "energy_meter": "rapl", "flash_attn": "yes", "log_level": "LOUD"}, config_file)
+                            "energy_meter": "powermeter", "flash_attn": "yes", "log_level": "LOUD"}, config_file)
 
     text = "\n".join(problems)
     assert f"n_ctx in {config_file} must be an integer, got 'big'" in text
     assert f"max_sessions in {config_file} must be an integer, got True" in text
     assert "--bind 'localhost:5555' is not a ZeroMQ address" in text
     assert "--idle-timeout must be positive" in text
-    assert "--energy-meter 'rapl' is not one of: none" in text
+    assert "--energy-meter 'powermeter' is not one of: auto, jtop, tegrastats" in text
     assert "--flash-attn 'yes' is not one of: auto, on, off" in text
     assert "--log-level 'LOUD' is not a logging level" in text
     assert len(problems) == 7
@@ -178,3 +178,20 @@ def test_bind_addresses(tiny_model_path, address, valid, loopback):
     else:
         assert "is not a ZeroMQ address" in problems_of({"model": tiny_model_path, "bind": address})[0]
     assert is_loopback_address(address) == loopback
+
+
+def test_estimate_meter_needs_watts_per_core(tiny_model_path):
+    problems = problems_of({"model": tiny_model_path, "energy_meter": "estimate"})
+
+    assert len(problems) == 1
+    assert "'estimate' needs energy_watts_per_core" in problems[0]
+
+
+def test_energy_options_are_range_checked(tiny_model_path):
+    problems = problems_of({"model": tiny_model_path, "energy_interval_ms": 0,
+                            "energy_watts_per_core": -2.0, "energy_device_index": -1})
+
+    text = "\n".join(problems)
+    assert "--energy-interval-ms must be between 1 and 60000 ms, got 0" in text
+    assert "--energy-watts-per-core must be positive watts, got -2.0" in text
+    assert "--energy-device-index must be 0 or more, got -1" in text
