@@ -205,10 +205,12 @@ def gate_values(model, embeddings: np.ndarray) -> np.ndarray:
 # --- splits and reports -------------------------------------------------------------------------
 
 def split_examples(table: ScoreTable, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split deterministically: within each subject, order ids by a seeded hash, keep the last 20% for validation.
+    """Split deterministically and stratified by subject into train and validation indices.
 
-    An example's side depends only on its id, its subject's size and the seed, not on the
-    order of the table.
+    Within each subject, examples are ordered by a seeded hash of their id, and each gets
+    its quantile in that order. The validation set is the round(val_fraction * n)
+    examples of highest quantile over all subjects (ties broken by the hash), so every
+    subject contributes its share and an example's side does not depend on table order.
     """
     if not 0 < val_fraction < 1:
         raise TrainError(f"validation fraction must be in (0, 1), got {val_fraction}")
@@ -216,12 +218,20 @@ def split_examples(table: ScoreTable, val_fraction: float = 0.2, seed: int = 0) 
     by_subject: dict[str, list[int]] = {}
     for index, subject in enumerate(subjects):
         by_subject.setdefault(subject, []).append(index)
-    train_index, val_index = [], []
+
+    def digest(index: int) -> str:
+        return hashlib.sha256(f"{seed}:{table.example_ids[index]}".encode()).hexdigest()
+
+    keys = {}
     for indices in by_subject.values():
-        ranked = sorted(indices, key=lambda i: hashlib.sha256(f"{seed}:{table.example_ids[i]}".encode()).hexdigest())
-        n_val = int(round(len(ranked) * val_fraction))
-        train_index += ranked[:len(ranked) - n_val]
-        val_index += ranked[len(ranked) - n_val:]
+        for rank, index in enumerate(sorted(indices, key=digest)):
+            keys[index] = ((rank + 0.5) / len(indices), digest(index))
+    order = sorted(keys, key=keys.get)
+    n_val = int(round(table.n_examples * val_fraction))
+    if n_val == 0 or n_val == table.n_examples:
+        raise TrainError(f"a {val_fraction:g} validation share of {table.n_examples} examples leaves one side empty; "
+                         "score more examples or pass --train-ids and --val-ids")
+    train_index, val_index = order[:-n_val], order[-n_val:]
     return np.array(sorted(train_index), np.int64), np.array(sorted(val_index), np.int64)
 
 
@@ -280,6 +290,9 @@ def export_onnx(model, dim: int, path: Path, check_embeddings: np.ndarray) -> fl
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The exporter's graph passes log every step at INFO; keep the command's output readable.
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     model.eval()
     example = torch.zeros(2, dim)
     partial = path.with_name(path.name + ".partial")
@@ -351,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("training on %d examples, validating on %d", len(train_index), len(val_index))
         result = train(embeddings, table, train_index, val_index, settings)
         gates = gate_values(result.model, embeddings)
-        max_diff = export_onnx(result.model, embedder.dim, args.output, embeddings[val_index[:256]])
+        max_diff = export_onnx(result.model, embedder.dim, args.output, embeddings[:256])
     except (TrainError, EmbedderError, scoretable.ScoreTableError) as exc:
         log.error("%s", exc)
         return 1
@@ -374,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
                  "train_examples": len(train_index), "val_examples": len(val_index)},
         "settings": asdict(settings),
         "metrics": metrics,
-        "command": "moe2 " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("moe2") else shlex.join(sys.argv),
+        "command": "moe2 " + shlex.join(sys.argv[1:]),
     }
     metadata_path = args.output.with_suffix(".json")
     metadata_path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
