@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,9 +181,9 @@ REFERENCE_TEXTS = [
 
 
 @pytest.mark.timeout(300)
-def test_minilm_export_matches_sentence_transformers(tmp_path):
+def test_minilm_export_matches_sentence_transformers(tmp_path, monkeypatch):
     pytest.importorskip("sentence_transformers", reason="reference library sentence-transformers is not installed")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     source = embedder_export.default_source()
@@ -191,3 +193,14 @@ def test_minilm_export_matches_sentence_transformers(tmp_path):
     cosine = (ours * reference).sum(axis=1) / np.linalg.norm(reference, axis=1)
     assert ours.shape == (len(REFERENCE_TEXTS), 384)
     assert cosine.min() >= 0.999, f"cosine per text: {np.round(cosine, 5).tolist()}"
+
+
+def test_runtime_modules_do_not_import_torch():
+    """Gating, embedding, export, clustering and scoring run where PyTorch is not installed."""
+    code = ("import sys; import coordinator.gating, coordinator.embedding, coordinator.embedder_export, "
+            "coordinator.cluster, coordinator.scoring, coordinator.scoretable; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sentence_transformers')))")
+    root = Path(__file__).resolve().parents[1]
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                            cwd=root)
+    assert output.stdout.strip() == "[]"

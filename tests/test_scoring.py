@@ -167,3 +167,23 @@ def test_tokenizer_mismatch_is_rejected(two_agents, tiny_gguf):
 def test_agent_argument_must_name_endpoint():
     with pytest.raises(scoring.ScoringError, match="use NAME=ENDPOINT"):
         scoring.parse_agents(["tcp://127.0.0.1:5555"], None)
+
+
+@pytest.mark.demo_model
+@pytest.mark.timeout(300)
+def test_demo_model_scores_letters_in_one_open(demo_model_path, start_agent, mmlu, tmp_path):
+    """Gemma 3 tokenizes " A" .. " D" as single tokens, so one dense `open` gives every letter."""
+    tokenizer = LocalTokenizer(demo_model_path)
+    try:
+        examples = load_mmlu(mmlu, "test")[:2]
+        jobs = scoring.make_jobs(examples, tokenizer)
+        assert all(job.single_token_choices for job in jobs)
+        agent = start_agent(demo_model_path, name="demo", n_ctx=1024, max_sessions=1)
+        experts = experts_of([agent], tokenizer)
+    finally:
+        tokenizer.close()
+    run = scoring.score_all(experts, jobs, tmp_path, dataset_hash(examples))[0]
+    table = scoring.build_table([run], jobs, {})
+    letters_mass = np.exp(table.choice_logprobs[:, 0, :]).sum(axis=1)
+    assert np.all((letters_mass > 0.2) & (letters_mass <= 1.0))
+    np.testing.assert_allclose(table.logprobs[:, 0], table.choice_logprobs[np.arange(2), 0, table.answers])
