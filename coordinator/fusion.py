@@ -126,7 +126,7 @@ _buffers = _ThreadBuffers()
 
 def _raise_kernel_error(error, array: str) -> None:
     parameter = errors.PARAMETERS.get(error.parameter)
-    errors.raise_status(error.status, parameter or array, expert=error.expert,
+    errors.raise_status(error.status, array, expert=error.expert,
                         index=error.index, value=error.value, limit=error.limit,
                         parameter=parameter)
 

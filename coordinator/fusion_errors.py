@@ -154,7 +154,10 @@ def describe_status(code: int, array: str, *, expert: int | None = None,
     if code == ERR_TAIL:
         return f"tails[{expert}] is {shown}; a tail is the probability mass outside the list, in [0, 1]"
     if code == ERR_PARAMETER:
-        return f"{parameter} = {shown} is invalid; it must be {PARAMETER_RANGES.get(parameter or '', 'in range')}"
+        allowed = PARAMETER_RANGES.get(parameter or "", "in range")
+        if parameter == "temperature" and array == "logprobs":
+            allowed = "a finite number > 0 (it divides the logits before the softmax)"
+        return f"{parameter} = {shown} is invalid; it must be {allowed}"
     if code == ERR_NEGATIVE:
         return f"{where} is {shown}; probabilities must be >= 0"
     if code == ERR_ZERO_MASS:

@@ -37,10 +37,11 @@ def _first_nonfinite(values: np.ndarray) -> int:
 
 
 def _check_temperature(temperature: float, allow_zero: bool) -> None:
+    """Sampling allows temperature 0 (greedy); fusion divides by it, so it does not."""
     valid = np.isfinite(temperature) and (temperature >= 0 if allow_zero else temperature > 0)
     if not valid:
-        errors.raise_status(errors.ERR_PARAMETER, "temperature", value=float(temperature),
-                            parameter="temperature")
+        errors.raise_status(errors.ERR_PARAMETER, "probs" if allow_zero else "logprobs",
+                            value=float(temperature), parameter="temperature")
 
 
 def fuse_logprobs(rows: Sequence[np.ndarray], weights: np.ndarray, temperature: float) -> np.ndarray:
@@ -152,7 +153,7 @@ def _check_sample_parameters(temperature: float, top_k: int, top_p: float, min_p
               ("min_p", min_p, 0 <= min_p <= 1), ("u", u, 0 <= u < 1))
     for name, value, valid in checks:
         if not valid:
-            errors.raise_status(errors.ERR_PARAMETER, name, value=value, parameter=name)
+            errors.raise_status(errors.ERR_PARAMETER, "probs", value=value, parameter=name)
 
 
 def _check_sample_ids(ids: np.ndarray, n_vocab: int) -> None:
