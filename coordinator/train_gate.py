@@ -108,8 +108,8 @@ def build_model(dim: int, n_experts: int, settings: TrainSettings):
 def mixture_nll(log_weights, logprobs):
     """Return the per-example mixture NLL: -sum_t logsumexp_n(log w_n + logprobs[t, n]).
 
-    log_weights: [B, N]; logprobs: [B, T, N], padded with 0 for missing target tokens, which
-    contribute log sum_n w_n = 0.
+    log_weights has shape [B, N] and logprobs [B, T, N]. Missing target tokens are padded
+    with 0, and each contributes log sum_n w_n = 0.
     """
     import torch
     return -torch.logsumexp(log_weights[:, None, :] + logprobs, dim=-1).sum(dim=-1)

@@ -22,7 +22,8 @@ def test_mmlu_zero_shot_prompt_layout(mmlu):
     assert [e.id for e in examples[:2]] == ["mmlu/test/algebra/0", "mmlu/test/algebra/1"]
     assert first.prompt.startswith("The following are multiple choice questions (with answers) about algebra.\n\n")
     assert first.prompt.endswith("\nAnswer:")
-    assert "\nA. " in first.prompt and "\nD. " in first.prompt
+    assert "\nA. " in first.prompt
+    assert "\nD. " in first.prompt
     assert first.target == " " + "ABCD"[first.answer]
     assert first.gate_text == first.prompt
 
