@@ -31,7 +31,6 @@ import json
 import logging
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -273,7 +272,12 @@ def score_expert(run: ExpertRun, jobs: list[Job], timeout_s: float, stop: thread
 def score_all(experts: list[Expert], jobs: list[Job], cache_root: Path, data_hash: str,
               timeout_s: float = 300.0) -> list[ExpertRun]:
     """Score every expert in parallel threads; return per-expert counts."""
-    runs = [ExpertRun(expert, ScoreCache(cache_root, data_hash, expert)) for expert in experts]
+    # Experts with one fingerprint (the same model served twice) share one cache object,
+    # so its lock keeps their appends to the one file from interleaving.
+    caches: dict[str, ScoreCache] = {}
+    for expert in experts:
+        caches.setdefault(expert.fingerprint, ScoreCache(cache_root, data_hash, expert))
+    runs = [ExpertRun(expert, caches[expert.fingerprint]) for expert in experts]
     stop = threading.Event()
     threads = [threading.Thread(target=score_expert, args=(run, jobs, timeout_s, stop, i),
                                 name=f"score {run.expert.name}", daemon=True)
@@ -363,7 +367,7 @@ def parse_agents(values: list[str], config: Path | None) -> list[Expert]:
         from coordinator.config import ConfigError, load_config
         try:
             experts += [Expert(e.name, e.endpoint) for e in load_config(config).experts]
-        except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        except ConfigError as exc:
             raise ScoringError(str(exc)) from None
     names = [e.name for e in experts]
     if len(set(names)) != len(names):
