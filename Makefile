@@ -20,15 +20,16 @@ DEP_HASH := $(shell cat $(DEP_FILES) | sha256sum | cut -c1-16)
 STAMP_RUNTIME := $(VENV)/.stamp-runtime-$(DEP_HASH)
 STAMP_TEST := $(VENV)/.stamp-test-$(DEP_HASH)
 MODEL_STAMP := models/cache/.verified-demo
+EMBEDDER := models/cache/embedder/model.onnx
 
 PYTEST_ARGS ?=
 
 .PHONY: demo test venv venv-test model clean-venv bench-quick
 
-demo: $(STAMP_RUNTIME) $(MODEL_STAMP)
+demo: $(STAMP_RUNTIME) $(MODEL_STAMP) $(EMBEDDER)
 	$(VENV)/bin/moe2 demo
 
-test: $(STAMP_TEST) $(MODEL_STAMP)
+test: $(STAMP_TEST) $(MODEL_STAMP) $(EMBEDDER)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP_RUNTIME)
@@ -61,6 +62,11 @@ $(STAMP_TEST): $(DEP_FILES) | $(PY)
 $(MODEL_STAMP): models/manifest.json | $(PY)
 	$(PY) -m models.fetch demo
 	touch $@
+
+# The gate's sentence embedder, built as ONNX from the package's safetensors weights
+# with numpy and onnx (no PyTorch).
+$(EMBEDDER): | $(PY)
+	$(VENV)/bin/moe2 export-embedder
 
 bench-quick: $(STAMP_TEST) $(MODEL_STAMP)
 	for script in benchmarks/*.py; do $(PY) $$script --quick || exit 1; done

@@ -21,7 +21,10 @@ import argparse
 import csv
 import json
 import logging
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
