@@ -134,6 +134,9 @@ def _raise_kernel_error(error, array: str) -> None:
 # --- input shaping ------------------------------------------------------------------
 
 def _as_float32_vector(values, name: str, expert: int | None = None) -> np.ndarray:
+    if type(values) is np.ndarray and values.dtype == np.float32 and values.ndim == 1 \
+            and values.flags.c_contiguous:
+        return values  # the common case, checked first because it runs every step
     array = np.asarray(values)
     where = name if expert is None else f"{name}[{expert}]"
     if array.ndim != 1:
@@ -185,6 +188,9 @@ def _as_out(out, n: int) -> np.ndarray:
 
 
 def _as_ids(values, name: str, expert: int | None = None) -> np.ndarray:
+    if type(values) is np.ndarray and values.dtype == np.int32 and values.ndim == 1 \
+            and values.flags.c_contiguous:
+        return values
     array = np.asarray(values)
     where = name if expert is None else f"{name}[{expert}]"
     if array.ndim != 1:

@@ -538,7 +538,13 @@ int32_t moe2_fuse_probs(const float *const *rows, int32_t k, int64_t n,
 #define RADIX_BITS 11
 #define RADIX_SIZE (1 << RADIX_BITS)
 
-/* Slots of the open-addressing table that maps a token id to its union index. */
+/*
+ * Open-addressing table from token id to union index. A slot packs both, id in the
+ * high 32 bits, so a probe reads one word.
+ */
+#define EMPTY_SLOT UINT64_MAX
+
+/* Slots of the table: a power of two at least twice the number of entries. */
 static int64_t count_table_slots(int64_t n_listed)
 {
     int64_t slots = 16;
@@ -554,63 +560,64 @@ int64_t moe2_get_lists_scratch_size(int32_t k, int64_t n_listed)
         return -1;
     }
     int64_t slots = count_table_slots(n_listed);
-    /* Doubles: weights, per-entry exponentials, union sums and their sort copy.
-     * Int32: the table, union ids, last expert per union entry, sort copy of ids.
-     * 64 bytes leave room to align the start. */
-    return 64 + 8 * ((int64_t)k + 3 * n_listed) + 4 * (slots + 3 * n_listed);
+    /* Doubles: weights, per-entry exponentials and union sums. Uint64: the table,
+     * the union's sort keys and their sort copy. Int32: the last expert per union
+     * entry. 64 bytes leave room to align the start. */
+    return 64 + 8 * ((int64_t)k + 2 * n_listed) + 8 * slots + 16 * n_listed + 4 * n_listed;
 }
 
-/* Sort ids ascending, carrying values along. Returns 1 when the result is in tmp. */
-static int sort_union(int32_t *ids, double *values, int32_t *tmp_ids, double *tmp_values,
-                      int64_t n, int64_t n_vocab)
+/*
+ * Sort n keys (token id in the high 32 bits) ascending with an LSD radix sort on
+ * the bits that n_vocab - 1 needs. Returns the array that holds the result: keys
+ * or tmp.
+ */
+static uint64_t *sort_union_keys(uint64_t *keys, uint64_t *tmp, int64_t n, int64_t n_vocab)
 {
     if (n <= SMALL_RANGE) {
         for (int64_t i = 1; i < n; i++) {
-            int32_t id = ids[i];
-            double value = values[i];
+            uint64_t key = keys[i];
             int64_t j = i;
-            while (j > 0 && ids[j - 1] > id) {
-                ids[j] = ids[j - 1];
-                values[j] = values[j - 1];
+            while (j > 0 && keys[j - 1] > key) {
+                keys[j] = keys[j - 1];
                 j--;
             }
-            ids[j] = id;
-            values[j] = value;
+            keys[j] = key;
         }
-        return 0;
+        return keys;
     }
 
     int bits = 0;
     while (bits < 32 && ((uint64_t)(n_vocab - 1) >> bits) != 0) {
         bits++;
     }
-
+    /* Split the bits evenly over the fewest passes of at most RADIX_BITS, so that
+     * 18-bit ids take two passes of 9 bits (512 buckets) rather than 11 + 7. */
+    int passes = (bits + RADIX_BITS - 1) / RADIX_BITS;
+    int digit_bits = passes > 0 ? (bits + passes - 1) / passes : 0;
+    uint32_t digit_mask = (1u << digit_bits) - 1u;
     uint32_t count[RADIX_SIZE];
-    int in_tmp = 0;
-    for (int shift = 0; shift < bits; shift += RADIX_BITS) {
-        int32_t *src_ids = in_tmp ? tmp_ids : ids;
-        double *src_values = in_tmp ? tmp_values : values;
-        int32_t *dst_ids = in_tmp ? ids : tmp_ids;
-        double *dst_values = in_tmp ? values : tmp_values;
 
-        memset(count, 0, sizeof(count));
+    uint64_t *src = keys;
+    uint64_t *dst = tmp;
+    for (int shift = 32; shift < 32 + bits; shift += digit_bits) {
+        memset(count, 0, (digit_mask + 1) * sizeof(uint32_t));
         for (int64_t i = 0; i < n; i++) {
-            count[((uint32_t)src_ids[i] >> shift) & (RADIX_SIZE - 1)]++;
+            count[(src[i] >> shift) & digit_mask]++;
         }
         uint32_t offset = 0;
-        for (int d = 0; d < RADIX_SIZE; d++) {
+        for (uint32_t d = 0; d <= digit_mask; d++) {
             uint32_t c = count[d];
             count[d] = offset;
             offset += c;
         }
         for (int64_t i = 0; i < n; i++) {
-            uint32_t slot = count[((uint32_t)src_ids[i] >> shift) & (RADIX_SIZE - 1)]++;
-            dst_ids[slot] = src_ids[i];
-            dst_values[slot] = src_values[i];
+            dst[count[(src[i] >> shift) & digit_mask]++] = src[i];
         }
-        in_tmp = !in_tmp;
+        uint64_t *swap = src;
+        src = dst;
+        dst = swap;
     }
-    return in_tmp;
+    return src;
 }
 
 /* Validate the counts of moe2_fuse_lists and store their sum in *n_listed_out. */
@@ -667,6 +674,31 @@ static int32_t check_list_values(const int32_t *ids, const float *logprobs,
     return MOE2_OK;
 }
 
+/* Maximum of n floats, or -FLT_MAX when n == 0. */
+MOE2_CLONES
+static float find_max(const float *x, int64_t n)
+{
+    float largest = -FLT_MAX;
+#pragma omp simd reduction(max:largest)
+    for (int64_t i = 0; i < n; i++) {
+        largest = x[i] > largest ? x[i] : largest;
+    }
+    return largest;
+}
+
+/* Store exp(lp[i] - shift) in out[i] and return their sum in double. */
+MOE2_CLONES
+static double exp_list(const float *lp, int64_t n, float shift, double *out)
+{
+    double sum = 0.0;
+#pragma omp simd reduction(+:sum)
+    for (int64_t i = 0; i < n; i++) {
+        out[i] = (double)exp_approx(lp[i] - shift);
+        sum += out[i];
+    }
+    return sum;
+}
+
 int32_t moe2_fuse_lists(const int32_t *ids, const float *logprobs,
                         const int32_t *counts, const double *tails, int32_t k,
                         int64_t n_vocab, const double *weights,
@@ -697,16 +729,15 @@ int32_t moe2_fuse_lists(const int32_t *ids, const float *logprobs,
         return fail_length(error, MOE2_ERR_SCRATCH, -1, (double)scratch_size, (double)needed_scratch);
     }
 
-    /* Carve the scratch: doubles first, then int32 arrays. */
+    /* Carve the scratch: doubles, then uint64, then int32 arrays. */
     int64_t slots = count_table_slots(n_listed);
     double *w = align_scratch(scratch);
     double *exps = w + k;
     double *sums = exps + n_listed;
-    double *tmp_sums = sums + n_listed;
-    int32_t *table = (int32_t *)(tmp_sums + n_listed);
-    int32_t *union_ids = table + slots;
-    int32_t *last_expert = union_ids + n_listed;
-    int32_t *tmp_ids = last_expert + n_listed;
+    uint64_t *table = (uint64_t *)(sums + n_listed);
+    uint64_t *keys = table + slots;
+    uint64_t *tmp_keys = keys + n_listed;
+    int32_t *last_expert = (int32_t *)(tmp_keys + n_listed);
 
     status = normalize_weights(weights, k, w, error);
     if (status != MOE2_OK) {
@@ -717,7 +748,7 @@ int32_t moe2_fuse_lists(const int32_t *ids, const float *logprobs,
         return status;
     }
 
-    memset(table, 0xff, (size_t)slots * sizeof(int32_t));
+    memset(table, 0xff, (size_t)slots * sizeof(uint64_t));
     int table_bits = 0;
     while (((int64_t)1 << table_bits) < slots) {
         table_bits++;
@@ -732,10 +763,7 @@ int32_t moe2_fuse_lists(const int32_t *ids, const float *logprobs,
 
         /* Normalize against the largest of the listed log-probabilities and
          * log(tail), so that neither the exponentials nor the tail overflow. */
-        float top = -FLT_MAX;
-        for (int64_t i = 0; i < count; i++) {
-            top = lp[i] > top ? lp[i] : top;
-        }
+        float top = find_max(lp, count);
         int has_tail = tails[e] > 0.0 && count < n_vocab;
         double log_tail = has_tail ? log(tails[e]) : -INFINITY;
         if (count == 0 && !has_tail) {
@@ -744,11 +772,7 @@ int32_t moe2_fuse_lists(const int32_t *ids, const float *logprobs,
         double reference = count > 0 && (double)top > log_tail ? (double)top : log_tail;
         float shift = (float)reference;
 
-        double listed_sum = 0.0;
-        for (int64_t i = 0; i < count; i++) {
-            exps[offset + i] = (double)exp_approx(lp[i] - shift);
-            listed_sum += exps[offset + i];
-        }
+        double listed_sum = exp_list(lp, count, shift, exps + offset);
         double tail_term = has_tail ? exp(log_tail - (double)shift) : 0.0;
         double scale = w[e] / (listed_sum + tail_term);
         double expert_tail = has_tail ? scale * tail_term / (double)(n_vocab - count) : 0.0;
@@ -761,16 +785,18 @@ int32_t moe2_fuse_lists(const int32_t *ids, const float *logprobs,
             double contribution = scale * exps[offset + i] - expert_tail;
             uint32_t slot = ((uint32_t)id * 2654435761u) >> (32 - table_bits);
             for (;;) {
-                int32_t entry = table[slot];
-                if (entry < 0) {
-                    table[slot] = (int32_t)n_union;
-                    union_ids[n_union] = id;
+                uint64_t packed = table[slot];
+                if (packed == EMPTY_SLOT) {
+                    packed = ((uint64_t)(uint32_t)id << 32) | (uint64_t)n_union;
+                    table[slot] = packed;
+                    keys[n_union] = packed;
                     last_expert[n_union] = e;
                     sums[n_union] = contribution;
                     n_union++;
                     break;
                 }
-                if (union_ids[entry] == id) {
+                if ((int32_t)(packed >> 32) == id) {
+                    uint32_t entry = (uint32_t)packed;
                     if (last_expert[entry] == e) {
                         return fail(error, MOE2_ERR_ID_DUPLICATE, e, i, (double)id);
                     }
@@ -784,12 +810,10 @@ int32_t moe2_fuse_lists(const int32_t *ids, const float *logprobs,
         offset += count;
     }
 
-    int in_tmp = sort_union(union_ids, sums, tmp_ids, tmp_sums, n_union, n_vocab);
-    const int32_t *sorted_ids = in_tmp ? tmp_ids : union_ids;
-    const double *sorted_sums = in_tmp ? tmp_sums : sums;
+    const uint64_t *sorted = sort_union_keys(keys, tmp_keys, n_union, n_vocab);
     for (int64_t u = 0; u < n_union; u++) {
-        double value = sorted_sums[u] + tail_per_token;
-        out_ids[u] = sorted_ids[u];
+        double value = sums[(uint32_t)sorted[u]] + tail_per_token;
+        out_ids[u] = (int32_t)(sorted[u] >> 32);
         out_probs[u] = value > 0.0 ? (float)value : 0.0f;
     }
     *out_count = n_union;
