@@ -268,110 +268,162 @@ static void *align_scratch(void *scratch)
 /* --- dense fusion from log-probabilities ------------------------------------------ */
 
 /*
- * The exponentials are computed once: pass 1 stores each row's
- * e_i = exp((x_i - s_b) * inv_t) in scratch, where s_b is the row's running maximum
- * at block b (online softmax), and sums each block in double. Pass 2 scales block b
- * of row n by w_n exp((s_b - max_n) * inv_t) / S_n and sums the rows. Both passes
- * use the same per-block factors, so S_n matches what pass 2 adds up exactly.
+ * Each exponential is computed once. Rows are processed in groups of GROUP_ROWS.
+ * Pass 1 stores each row's e_i = exp((x_i - s_b) * inv_t) in scratch, where s_b is
+ * the row's running maximum at block b (online softmax), and sums each block in
+ * double. Pass 2 adds w_n exp((s_b - max_n) * inv_t) / S_n * e_i of the whole group
+ * to a double accumulator in one sweep, where S_n is computed from the block sums
+ * with those same factors. The accumulator is converted to float32 into `out` at the
+ * end, so `out` is left untouched when an input is rejected.
  */
+#define GROUP_ROWS 4
 
 int64_t moe2_get_logprobs_scratch_size(int32_t k, int64_t n)
 {
-    if (k < 1 || n < 1 || n > INT64_MAX / 4 / k) {
+    if (k < 1 || n < 1 || n > INT64_MAX / 64) {
         return -1;
     }
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    int64_t row_floats = blocks * BLOCK; /* rows padded to whole blocks stay aligned */
-    /* Alignment, per-expert coefficients (double) and maxima (float), per-block
-     * shifts (float) and sums (double), and the exponentials of every row. */
-    return 64 + 12 * (int64_t)k + (int64_t)k * blocks * (4 + 8) + 4 * (int64_t)k * row_floats;
+    int64_t padded = blocks * BLOCK;
+    /* Alignment, the accumulator (double), a group's exponentials (float) and
+     * per-block factors (double), per-expert coefficients (double), and one row's
+     * per-block shifts (float) and sums (double). */
+    return 64 + 8 * padded + GROUP_ROWS * (4 * padded + 8 * blocks) + 8 * (int64_t)k
+           + blocks * (4 + 8);
+}
+
+/*
+ * Compute exp((x_i - shift) * inv_t) of one block into y and return their sum in
+ * double. Float partial sums of 16 elements per lane keep the loop as fast as exp()
+ * alone; each has relative error below 1e-6. *bad is set when the block contains
+ * NaN or infinity, and *block_max is its maximum.
+ */
+MOE2_CLONES
+static double exp_block(const float *x, int64_t len, float shift, float inv_t, float *y,
+                        float *block_max, int32_t *bad)
+{
+    double sum = 0.0;
+    float largest = -FLT_MAX;
+    int32_t nonfinite = 0;
+    for (int64_t chunk = 0; chunk < len; chunk += 256) {
+        int64_t chunk_len = len - chunk < 256 ? len - chunk : 256;
+        float partial = 0.0f;
+#pragma omp simd reduction(+:partial) reduction(max:largest) reduction(|:nonfinite)
+        for (int64_t i = chunk; i < chunk + chunk_len; i++) {
+            nonfinite |= is_nonfinite(x[i]);
+            largest = x[i] > largest ? x[i] : largest;
+            y[i] = exp_approx((x[i] - shift) * inv_t);
+            partial += y[i];
+        }
+        sum += (double)partial;
+    }
+    *block_max = largest;
+    *bad = nonfinite;
+    return sum;
 }
 
 /*
  * Validate one row, store its exponentials relative to the running maximum, and
  * record each block's shift and sum. Returns the index of the first NaN or
  * infinity, or -1; *max_out is the row's maximum.
+ *
+ * Each block is computed against the maximum of the blocks before it, and again
+ * in the rare case that it holds a new maximum, so a block is read once, not
+ * twice (once for its maximum, once for its exponentials).
  */
-MOE2_CLONES
 static int64_t exp_logprob_row(const float *row, int64_t n, float inv_t, float *exps,
                                float *block_shift, double *block_sum, float *max_out)
 {
-    float running_max = -FLT_MAX;
-
+    float running_max = row[0];
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t len = n - start < BLOCK ? n - start : BLOCK;
-        const float *x = row + start;
-        float *y = exps + start;
-
+        float block_max = 0.0f;
         int32_t bad = 0;
-        float block_max = -FLT_MAX;
-#pragma omp simd reduction(|:bad) reduction(max:block_max)
-        for (int64_t i = 0; i < len; i++) {
-            bad |= is_nonfinite(x[i]);
-            block_max = x[i] > block_max ? x[i] : block_max;
-        }
+        double sum = exp_block(row + start, len, running_max, inv_t, exps + start, &block_max, &bad);
         if (bad) {
-            return start + find_nonfinite(x, len);
+            return start + find_nonfinite(row + start, len);
         }
-        running_max = block_max > running_max ? block_max : running_max;
-
-        /* Float partial sums over 16 elements per lane, then double: the partial
-         * sums have relative error below 1e-6 and keep the loop as fast as exp(). */
-        float shift = running_max;
-        double sum = 0.0;
-        for (int64_t chunk = 0; chunk < len; chunk += 256) {
-            int64_t chunk_len = len - chunk < 256 ? len - chunk : 256;
-            float partial = 0.0f;
-#pragma omp simd reduction(+:partial)
-            for (int64_t i = chunk; i < chunk + chunk_len; i++) {
-                y[i] = exp_approx((x[i] - shift) * inv_t);
-                partial += y[i];
-            }
-            sum += (double)partial;
+        if (block_max > running_max) {
+            running_max = block_max;
+            sum = exp_block(row + start, len, running_max, inv_t, exps + start, &block_max, &bad);
         }
-        block_shift[start / BLOCK] = shift;
+        block_shift[start / BLOCK] = running_max;
         block_sum[start / BLOCK] = sum;
     }
-
     *max_out = running_max;
     return -1;
 }
 
-/* out[i] = sum_e factor[e][b] * exps[e][i], where b is the block of i, in double. */
+/*
+ * acc[i] (+)= sum_r factor[r][b] * exps[r][i] over the `rows` rows of a group, where
+ * b is the block of i; `first` assigns instead of adding.
+ */
 MOE2_CLONES
-static void combine_exp_rows(const float *exps, int64_t row_stride, int32_t k, int64_t n,
-                             const double *coef, const float *block_shift,
-                             const float *row_max, float inv_t, float *out)
+static void accumulate_group(const float *exps, int64_t stride, int rows, int64_t n,
+                             const double *factor, int64_t blocks, int first, double *acc)
 {
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    double acc[BLOCK];
-
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t len = n - start < BLOCK ? n - start : BLOCK;
         int64_t b = start / BLOCK;
-        for (int64_t i = 0; i < len; i++) {
-            acc[i] = 0.0;
+        double f[GROUP_ROWS] = {0.0, 0.0, 0.0, 0.0};
+        const float *y[GROUP_ROWS];
+        for (int r = 0; r < GROUP_ROWS; r++) {
+            /* Rows beyond `rows` read row 0 again with factor 0. */
+            f[r] = r < rows ? factor[r * blocks + b] : 0.0;
+            y[r] = exps + (r < rows ? r : 0) * stride + start;
         }
-
-        for (int32_t e = 0; e < k; e++) {
-            if (coef[e] == 0.0) {
-                continue;
-            }
-            double shift = (double)block_shift[e * blocks + b] - (double)row_max[e];
-            double factor = coef[e] * exp(shift * (double)inv_t);
-            const float *y = exps + e * row_stride + start;
+        double *z = acc + start;
+        /* Assign on the first group: the scratch may hold any bytes, NaN included,
+         * and 0 * NaN would stay NaN. */
+        if (first) {
 #pragma omp simd
             for (int64_t i = 0; i < len; i++) {
-                acc[i] += factor * (double)y[i];
+                z[i] = f[0] * (double)y[0][i] + f[1] * (double)y[1][i]
+                       + f[2] * (double)y[2][i] + f[3] * (double)y[3][i];
+            }
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < len; i++) {
+                z[i] += f[0] * (double)y[0][i] + f[1] * (double)y[1][i]
+                        + f[2] * (double)y[2][i] + f[3] * (double)y[3][i];
             }
         }
-
-        float *z = out + start;
-#pragma omp simd
-        for (int64_t i = 0; i < len; i++) {
-            z[i] = (float)acc[i];
-        }
     }
+}
+
+MOE2_CLONES
+static void store_float(const double *acc, int64_t n, float *out)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        out[i] = (float)acc[i];
+    }
+}
+
+/*
+ * Run pass 1 on row e into the group slot `slot`, and turn its block sums into the
+ * factors coef_e exp((s_b - max) * inv_t) / S_e. Returns the first bad index or -1.
+ */
+static int64_t prepare_logprob_row(const float *row, int64_t n, float inv_t, double coef,
+                                   float *exps, double *factor, float *block_shift,
+                                   double *block_sum)
+{
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    float row_max = 0.0f;
+    int64_t bad = exp_logprob_row(row, n, inv_t, exps, block_shift, block_sum, &row_max);
+    if (bad >= 0) {
+        return bad;
+    }
+    /* S_e >= 1 because the maximum contributes exp(0). */
+    double sum = 0.0;
+    for (int64_t b = 0; b < blocks; b++) {
+        factor[b] = exp(((double)block_shift[b] - (double)row_max) * (double)inv_t);
+        sum += block_sum[b] * factor[b];
+    }
+    for (int64_t b = 0; b < blocks; b++) {
+        factor[b] *= coef / sum;
+    }
+    return -1;
 }
 
 int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
@@ -391,12 +443,13 @@ int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
     }
 
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    int64_t row_stride = blocks * BLOCK;
-    float *exps = align_scratch(scratch);
-    double *coef = (double *)(exps + (int64_t)k * row_stride);
+    int64_t padded = blocks * BLOCK;
+    double *acc = align_scratch(scratch);
+    float *exps = (float *)(acc + padded);
+    double *factor = (double *)(exps + GROUP_ROWS * padded);
+    double *coef = factor + GROUP_ROWS * blocks;
     double *block_sum = coef + k;
-    float *block_shift = (float *)(block_sum + (int64_t)k * blocks);
-    float *max_per_row = block_shift + (int64_t)k * blocks;
+    float *block_shift = (float *)(block_sum + blocks);
 
     status = normalize_weights(weights, k, coef, error);
     if (status != MOE2_OK) {
@@ -404,24 +457,30 @@ int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
     }
 
     float inv_t = (float)(1.0 / temperature);
-    for (int32_t e = 0; e < k; e++) {
-        int64_t bad = exp_logprob_row(rows[e], n, inv_t, exps + e * row_stride,
-                                      block_shift + e * blocks, block_sum + e * blocks,
-                                      &max_per_row[e]);
-        if (bad >= 0) {
-            return fail(error, MOE2_ERR_NOT_FINITE, e, bad, (double)rows[e][bad]);
+    int first = 1;
+    for (int32_t group = 0; group < k; group += GROUP_ROWS) {
+        int rows_in_group = 0;
+        for (int32_t e = group; e < k && e < group + GROUP_ROWS; e++) {
+            int64_t bad = -1;
+            if (coef[e] == 0.0) {
+                /* The row adds nothing, but it is still validated. */
+                bad = find_nonfinite(rows[e], n);
+            } else {
+                bad = prepare_logprob_row(rows[e], n, inv_t, coef[e], exps + rows_in_group * padded,
+                                          factor + rows_in_group * blocks, block_shift, block_sum);
+                rows_in_group++;
+            }
+            if (bad >= 0) {
+                return fail(error, MOE2_ERR_NOT_FINITE, e, bad, (double)rows[e][bad]);
+            }
         }
-
-        /* S_n with the factors pass 2 uses; >= 1 because the maximum adds exp(0). */
-        double sum = 0.0;
-        for (int64_t b = 0; b < blocks; b++) {
-            double shift = (double)block_shift[e * blocks + b] - (double)max_per_row[e];
-            sum += block_sum[e * blocks + b] * exp(shift * (double)inv_t);
+        if (rows_in_group > 0) {
+            accumulate_group(exps, padded, rows_in_group, n, factor, blocks, first, acc);
+            first = 0;
         }
-        coef[e] /= sum;
     }
 
-    combine_exp_rows(exps, row_stride, k, n, coef, block_shift, max_per_row, inv_t, out);
+    store_float(acc, n, out);
     return MOE2_OK;
 }
 

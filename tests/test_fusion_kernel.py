@@ -117,6 +117,25 @@ def test_sample_token_short_scratch_is_a_kernel_error():
                                  ffi.NULL, size, token, error) == fusion_errors.ERR_NULL_POINTER
 
 
+def test_fuse_logprobs_ignores_stale_scratch():
+    """The scratch buffer is shared with other calls and may hold any bytes, NaN
+    patterns included; the result must not depend on them."""
+    rows = np.random.default_rng(2).normal(0, 3, (6, 5000)).astype(np.float32)
+    weights = np.array([1.0, 2.0, 0.0, 0.5, 1.0, 3.0])
+    pointers = ffi.new("float *[]", [ffi.from_buffer("float[]", row) for row in rows])
+    size = lib.moe2_get_logprobs_scratch_size(len(rows), rows.shape[1])
+    expected = fusion.fuse_dense(rows, weights)
+
+    for fill in (0x00, 0xFF, 0x7F):
+        scratch = np.full(size, fill, dtype=np.uint8)
+        out = np.empty(rows.shape[1], np.float32)
+        status = lib.moe2_fuse_logprobs(pointers, len(rows), rows.shape[1], ffi.from_buffer("double[]", weights),
+                                        1.0, ffi.from_buffer("float[]", out, require_writable=True),
+                                        ffi.from_buffer(scratch, require_writable=True), size, new_error())
+        assert status == fusion_errors.OK
+        assert np.array_equal(out, expected), f"scratch filled with {fill:#x}"
+
+
 # --- threads ------------------------------------------------------------------------
 
 def test_concurrent_calls_match_sequential():
