@@ -277,7 +277,7 @@ def fuse_dense_probs(probs, weights, *, out: np.ndarray | None = None,
 
     ffi, lib = _require_kernel()
     error = _buffers.get_error(ffi)
-    scratch = _buffers.get_scratch(lib.moe2_get_probs_scratch_size(len(rows)))
+    scratch = _buffers.get_scratch(lib.moe2_get_probs_scratch_size(len(rows), rows[0].size))
     status = lib.moe2_fuse_probs(_float_rows_pointer(ffi, rows), len(rows), rows[0].size,
                                  ffi.from_buffer("double[]", w),
                                  ffi.from_buffer("float[]", out, require_writable=True),

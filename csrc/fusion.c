@@ -355,11 +355,11 @@ static int64_t exp_logprob_row(const float *row, int64_t n, float inv_t, float *
 }
 
 /*
- * acc[i] (+)= sum_r factor[r][b] * exps[r][i] over the `rows` rows of a group, where
- * b is the block of i; `first` assigns instead of adding.
+ * acc[i] (+)= sum_r factor[r][b] * group[r][i] over the `rows` rows of a group
+ * (at most GROUP_ROWS), where b is the block of i; `first` assigns instead of adding.
  */
 MOE2_CLONES
-static void accumulate_group(const float *exps, int64_t stride, int rows, int64_t n,
+static void accumulate_group(const float *const *group, int rows, int64_t n,
                              const double *factor, int64_t blocks, int first, double *acc)
 {
     for (int64_t start = 0; start < n; start += BLOCK) {
@@ -370,7 +370,7 @@ static void accumulate_group(const float *exps, int64_t stride, int rows, int64_
         for (int r = 0; r < GROUP_ROWS; r++) {
             /* Rows beyond `rows` read row 0 again with factor 0. */
             f[r] = r < rows ? factor[r * blocks + b] : 0.0;
-            y[r] = exps + (r < rows ? r : 0) * stride + start;
+            y[r] = group[r < rows ? r : 0] + start;
         }
         double *z = acc + start;
         /* Assign on the first group: the scratch may hold any bytes, NaN included,
@@ -459,6 +459,7 @@ int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
     float inv_t = (float)(1.0 / temperature);
     int first = 1;
     for (int32_t group = 0; group < k; group += GROUP_ROWS) {
+        const float *group_rows[GROUP_ROWS];
         int rows_in_group = 0;
         for (int32_t e = group; e < k && e < group + GROUP_ROWS; e++) {
             int64_t bad = -1;
@@ -466,6 +467,7 @@ int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
                 /* The row adds nothing, but it is still validated. */
                 bad = find_nonfinite(rows[e], n);
             } else {
+                group_rows[rows_in_group] = exps + rows_in_group * padded;
                 bad = prepare_logprob_row(rows[e], n, inv_t, coef[e], exps + rows_in_group * padded,
                                           factor + rows_in_group * blocks, block_shift, block_sum);
                 rows_in_group++;
@@ -475,7 +477,7 @@ int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
             }
         }
         if (rows_in_group > 0) {
-            accumulate_group(exps, padded, rows_in_group, n, factor, blocks, first, acc);
+            accumulate_group(group_rows, rows_in_group, n, factor, blocks, first, acc);
             first = 0;
         }
     }
@@ -486,9 +488,20 @@ int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
 
 /* --- dense fusion from probabilities ---------------------------------------------- */
 
-int64_t moe2_get_probs_scratch_size(int32_t k)
+/*
+ * Rows are processed in groups of GROUP_ROWS: pass 1 validates and sums each row of
+ * the group, pass 2 adds the group to a double accumulator in one sweep. A group's
+ * rows are read twice, but the second read finds them in cache.
+ */
+
+int64_t moe2_get_probs_scratch_size(int32_t k, int64_t n)
 {
-    return k < 1 ? -1 : 64 + 8 * (int64_t)k;
+    if (k < 1 || n < 1 || n > INT64_MAX / 64) {
+        return -1;
+    }
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    /* Alignment, the accumulator, a group's per-block factors and the coefficients. */
+    return 64 + 8 * blocks * BLOCK + 8 * GROUP_ROWS * blocks + 8 * (int64_t)k;
 }
 
 /* Validate one row of probabilities and sum it in double. Returns the first bad index or -1. */
@@ -522,39 +535,6 @@ static int64_t measure_prob_row(const float *row, int64_t n, double *sum_out)
     return -1;
 }
 
-/* out[i] = sum_e coef[e] * rows[e][i], in double per block. */
-MOE2_CLONES
-static void accumulate_prob_rows(const float *const *rows, int32_t k, int64_t n,
-                                 const double *coef, float *out)
-{
-    double acc[BLOCK];
-
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t len = n - start < BLOCK ? n - start : BLOCK;
-        for (int64_t i = 0; i < len; i++) {
-            acc[i] = 0.0;
-        }
-
-        for (int32_t e = 0; e < k; e++) {
-            if (coef[e] == 0.0) {
-                continue;
-            }
-            const float *x = rows[e] + start;
-            double c = coef[e];
-#pragma omp simd
-            for (int64_t i = 0; i < len; i++) {
-                acc[i] += c * (double)x[i];
-            }
-        }
-
-        float *y = out + start;
-#pragma omp simd
-        for (int64_t i = 0; i < len; i++) {
-            y[i] = (float)acc[i];
-        }
-    }
-}
-
 int32_t moe2_fuse_probs(const float *const *rows, int32_t k, int64_t n,
                         const double *weights, float *out, void *scratch,
                         int64_t scratch_size, moe2_error *error)
@@ -562,32 +542,50 @@ int32_t moe2_fuse_probs(const float *const *rows, int32_t k, int64_t n,
     clear_error(error);
     int32_t status = check_rows(rows, k, n, weights, out, scratch, error);
     if (status == MOE2_OK) {
-        status = check_scratch(scratch_size, moe2_get_probs_scratch_size(k), error);
+        status = check_scratch(scratch_size, moe2_get_probs_scratch_size(k, n), error);
     }
     if (status != MOE2_OK) {
         return status;
     }
 
-    double *coef = align_scratch(scratch);
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    double *acc = align_scratch(scratch);
+    double *factor = acc + blocks * BLOCK;
+    double *coef = factor + GROUP_ROWS * blocks;
     status = normalize_weights(weights, k, coef, error);
     if (status != MOE2_OK) {
         return status;
     }
-    for (int32_t e = 0; e < k; e++) {
-        double sum = 0.0;
-        int64_t bad = measure_prob_row(rows[e], n, &sum);
-        if (bad >= 0) {
-            float value = rows[e][bad];
-            int32_t code = is_nonfinite(value) ? MOE2_ERR_NOT_FINITE : MOE2_ERR_NEGATIVE;
-            return fail(error, code, e, bad, (double)value);
+
+    int first = 1;
+    for (int32_t group = 0; group < k; group += GROUP_ROWS) {
+        const float *group_rows[GROUP_ROWS];
+        int rows_in_group = 0;
+        for (int32_t e = group; e < k && e < group + GROUP_ROWS; e++) {
+            double sum = 0.0;
+            int64_t bad = measure_prob_row(rows[e], n, &sum);
+            if (bad >= 0) {
+                float value = rows[e][bad];
+                int32_t code = is_nonfinite(value) ? MOE2_ERR_NOT_FINITE : MOE2_ERR_NEGATIVE;
+                return fail(error, code, e, bad, (double)value);
+            }
+            if (sum == 0.0) {
+                return fail(error, MOE2_ERR_ZERO_MASS, e, -1, 0.0);
+            }
+            if (coef[e] > 0.0) {
+                for (int64_t b = 0; b < blocks; b++) {
+                    factor[rows_in_group * blocks + b] = coef[e] / sum;
+                }
+                group_rows[rows_in_group++] = rows[e];
+            }
         }
-        if (sum == 0.0) {
-            return fail(error, MOE2_ERR_ZERO_MASS, e, -1, 0.0);
+        if (rows_in_group > 0) {
+            accumulate_group(group_rows, rows_in_group, n, factor, blocks, first, acc);
+            first = 0;
         }
-        coef[e] /= sum;
     }
 
-    accumulate_prob_rows(rows, k, n, coef, out);
+    store_float(acc, n, out);
     return MOE2_OK;
 }
 

@@ -86,8 +86,11 @@ int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
                            const double *weights, double temperature, float *out,
                            void *scratch, int64_t scratch_size, moe2_error *error);
 
-/* Bytes of scratch that moe2_fuse_probs needs for k rows; -1 when k < 1. */
-int64_t moe2_get_probs_scratch_size(int32_t k);
+/*
+ * Bytes of scratch that moe2_fuse_probs needs for k rows of n elements (about
+ * 8 n); -1 when k or n is out of range.
+ */
+int64_t moe2_get_probs_scratch_size(int32_t k, int64_t n);
 
 /*
  * Fuse k dense rows of probabilities of length n:
