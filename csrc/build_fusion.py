@@ -15,6 +15,7 @@ from pathlib import Path
 import cffi
 
 SOURCE_DIR = Path(__file__).resolve().parent
+SOURCES = ["fusion.c", "fusion_dense.c", "fusion_lists.c", "fusion_sample.c"]
 CDEF_BEGIN = "/* cdef begin */"
 CDEF_END = "/* cdef end */"
 
@@ -49,7 +50,7 @@ ffibuilder.cdef(read_declarations(SOURCE_DIR / "fusion.h"))
 ffibuilder.set_source(
     "coordinator._fusion_c",
     '#include "fusion.h"',
-    sources=[relative_to_cwd(SOURCE_DIR / "fusion.c")],
+    sources=[relative_to_cwd(SOURCE_DIR / name) for name in SOURCES],
     include_dirs=[relative_to_cwd(SOURCE_DIR)],
     extra_compile_args=[] if sys.platform == "win32" else GCC_FLAGS,
     libraries=[] if sys.platform == "win32" else ["m"],
