@@ -12,8 +12,8 @@ Sparse, k = 8 top-m lists for m in {64, 256, 1024} over V = 262,144: `fusion.fus
 the raw kernel call with prepared buffers (no Python conversions), and the reference.
 Sampling (informational): `fusion.sample` on a fused V = 262,144 distribution.
 
-Each figure is the minimum over rounds of the mean time of a few calls; the candidates
-take turns within each round, so they see the same machine load. numpy's BLAS is
+Each figure is the minimum over rounds of the mean time of a few calls. The candidates
+take turns within each round, so that they see the same machine load. numpy's BLAS is
 limited to one thread, like the kernel.
 
 Prints one JSON line at the end:

@@ -301,10 +301,10 @@ def fuse_sparse(ids: Sequence, logprobs: Sequence, tails, weights, n_vocab: int,
     renormalized so that its listed probabilities plus its tail sum to 1. When every
     list covers the vocabulary, the result equals fuse_dense on the same values.
 
-    Error bound: when each tail is the exact mass of the unlisted tokens, the result
-    differs from the dense fusion of the experts' full distributions by at most
-    sum_n w_n tails[n] per token and 2 sum_n w_n tails[n] in total (L1), plus
-    rounding.
+    Error bound: suppose each tail is the exact mass of the unlisted tokens. Then the
+    result differs from the dense fusion of the experts' full distributions by at
+    most sum_n w_n tails[n] per token, and by at most 2 sum_n w_n tails[n] in total
+    (L1), plus rounding.
 
     Raises ShapeError, NonFiniteError, TokenIdRangeError, DuplicateTokenIdError (an
     expert lists a token twice), InvalidTailError (outside [0, 1]), ZeroMassError
@@ -375,8 +375,8 @@ def sample(distribution: np.ndarray | SparseFused, *, temperature: float = 1.0, 
 
     temperature == 0 returns the most probable token (u is then optional). Otherwise
     top_k (0: off), top_p (1: off) and min_p (0: off) filter the tokens in that
-    order, the kept tokens are weighted by (p / p_max)^(1 / temperature), and u, a
-    uniform number in [0, 1) from the caller's generator, picks one by inverse CDF
+    order, and the kept tokens are weighted by (p / p_max)^(1 / temperature). Then u,
+    a uniform number in [0, 1) from the caller's generator, picks one by inverse CDF
     over the kept tokens in ascending id order. The same u and inputs always give
     the same token. Ties resolve to the lowest id; tokens of probability 0 are
     never returned. The full rules are in csrc/fusion.h.

@@ -130,42 +130,42 @@ def describe_status(code: int, array: str, *, expert: int | None = None,
                     limit: float | None = None, parameter: str | None = None) -> str:
     """Build the message for a failed status code.
 
-    `array` names the input that holds the failing values ("logprobs", "probs",
+    `array` names the input that contains the failing values ("logprobs", "probs",
     "ids"); `expert` is the row or list within it, `index` the element.
     """
     row = _row_name(array, expert)
     where = f"{row}[{index}]" if index is not None and index >= 0 else row
-    shown = _format(value)
+    formatted = _format(value)
     if code == ERR_LENGTH:
         bound = "maximum" if limit is not None and value is not None and value > limit else "minimum"
-        return f"{where} has invalid length {shown}; the {bound} is {_format(limit)}"
+        return f"{where} has invalid length {formatted}; the {bound} is {_format(limit)}"
     if code == ERR_NOT_FINITE:
-        return f"{where} is {shown}; every value must be finite (check the expert that sent it)"
+        return f"{where} is {formatted}; every value must be finite (check the expert that sent it)"
     if code == ERR_WEIGHT:
-        return f"weights[{expert}] is {shown}; weights must be finite and >= 0"
+        return f"weights[{expert}] is {formatted}; weights must be finite and >= 0"
     if code == ERR_ZERO_WEIGHTS:
         return "all weights are 0; give at least one expert a positive weight"
     if code == ERR_ID_RANGE:
-        return f"{where} is token id {shown}, outside [0, n_vocab)"
+        return f"{where} is token id {formatted}, outside [0, n_vocab)"
     if code == ERR_ID_DUPLICATE:
         if expert is None or expert < 0:
-            return f"{where} is token id {shown}, which does not follow the previous id in strictly ascending order"
-        return f"{where} is token id {shown}, which {row} already lists; each expert may list a token once"
+            return f"{where} is token id {formatted}, which does not follow the previous id in strictly ascending order"
+        return f"{where} is token id {formatted}, which {row} already lists; each expert may list a token once"
     if code == ERR_TAIL:
-        return f"tails[{expert}] is {shown}; a tail is the probability mass outside the list, in [0, 1]"
+        return f"tails[{expert}] is {formatted}; a tail is the probability mass outside the list, in [0, 1]"
     if code == ERR_PARAMETER:
         allowed = PARAMETER_RANGES.get(parameter or "", "in range")
         if parameter == "temperature" and array == "logprobs":
             allowed = "a finite number > 0 (it divides the logits before the softmax)"
-        return f"{parameter} = {shown} is invalid; it must be {allowed}"
+        return f"{parameter} = {formatted} is invalid; it must be {allowed}"
     if code == ERR_NEGATIVE:
-        return f"{where} is {shown}; probabilities must be >= 0"
+        return f"{where} is {formatted}; probabilities must be >= 0"
     if code == ERR_ZERO_MASS:
         if array == "ids":
             return f"expert {expert} lists no tokens and has tail 0, so its distribution is empty"
         return f"{row} has no probability mass (all zeros); a distribution needs a positive value"
     if code == ERR_SCRATCH:
-        return f"internal error: buffer of {shown} elements or bytes is too small, {_format(limit)} needed"
+        return f"internal error: buffer of {formatted} elements or bytes is too small, {_format(limit)} needed"
     if code == ERR_NULL_POINTER:
         return "internal error: the fusion kernel received a NULL pointer"
     return f"unknown fusion kernel status {code}"

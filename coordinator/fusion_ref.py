@@ -172,17 +172,17 @@ def count_kept(probs: np.ndarray, order: np.ndarray, top_k: int, top_p: float,
     filters keep, applied in that order."""
     p = probs.astype(np.float64)
     ranked = p[order]
-    kept = int(np.count_nonzero(ranked > 0))
+    count = int(np.count_nonzero(ranked > 0))
     if top_k > 0:
-        kept = min(kept, top_k)
+        count = min(count, top_k)
     if top_p < 1:
-        cumulative = np.cumsum(ranked[:kept])
+        cumulative = np.cumsum(ranked[:count])
         target = top_p * cumulative[-1]
-        kept = min(kept, int(np.searchsorted(cumulative, target, side="left")) + 1)
+        count = min(count, int(np.searchsorted(cumulative, target, side="left")) + 1)
     if min_p > 0:
         bound = min_p * float(p.max())
-        kept = min(kept, int(np.count_nonzero(ranked[:kept] >= bound)))
-    return kept
+        count = min(count, int(np.count_nonzero(ranked[:count] >= bound)))
+    return count
 
 
 def rank_positions(probs: np.ndarray) -> np.ndarray:
