@@ -156,7 +156,12 @@ def bench_sparse(m: int, rounds: int, rng: np.random.Generator, k: int = 8, n: i
 
 
 def bench_sampling(rounds: int, rng: np.random.Generator, n: int = 262_144) -> dict:
-    fused = fusion.fuse_dense(make_logprobs(rng, 8, n), rng.random(8) + 0.1)
+    """Time sampling from two fused distributions: the broad one of make_logprobs, whose
+    95% nucleus holds tens of thousands of tokens, and a peaked one, where a few
+    tokens carry most of the mass as in a confident LLM step."""
+    broad = fusion.fuse_dense(make_logprobs(rng, 8, n), rng.random(8) + 0.1)
+    peaked_logits = make_logprobs(rng, 8, n) * 3.0
+    peaked = fusion.fuse_dense(peaked_logits, rng.random(8) + 0.1)
     settings = {
         "greedy": {"temperature": 0.0},
         "plain": {"temperature": 1.0},
@@ -165,9 +170,12 @@ def bench_sampling(rounds: int, rng: np.random.Generator, n: int = 262_144) -> d
         "top_p_0.95": {"top_p": 0.95},
         "llama_cpp_defaults": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05},
     }
-    times = time_candidates({name: (lambda kw=kw: fusion.sample(fused, u=0.37, **kw))
-                             for name, kw in settings.items()}, rounds, calls=20)
-    return {f"{name}_us": round(seconds * 1e6, 1) for name, seconds in times.items()}
+    result = {}
+    for label, fused in (("broad", broad), ("peaked", peaked)):
+        times = time_candidates({name: (lambda kw=kw, fused=fused: fusion.sample(fused, u=0.37, **kw))
+                                 for name, kw in settings.items()}, rounds, calls=20)
+        result.update({f"{label}_{name}_us": round(seconds * 1e6, 1) for name, seconds in times.items()})
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

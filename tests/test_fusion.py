@@ -15,7 +15,7 @@ from fusion_cases import (EXPERT_COUNTS, ROW_KINDS, RTOL, VOCAB_SIZES, assert_cl
 # exponentials as the listed probabilities.
 RTOL_TAIL = 1e-5
 
-PROPERTY_SETTINGS = settings(max_examples=40, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=80, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -11,7 +11,7 @@ from scipy import stats
 from coordinator import fusion, fusion_ref
 from fusion_cases import VOCAB_SIZES
 
-PROPERTY_SETTINGS = settings(max_examples=60, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=100, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 # Significance level of the chi-square tests. The draws come from a fixed seed, so
