@@ -157,7 +157,7 @@ def bench_sparse(m: int, rounds: int, rng: np.random.Generator, k: int = 8, n: i
 
 def bench_sampling(rounds: int, rng: np.random.Generator, n: int = 262_144) -> dict:
     """Time sampling from two fused distributions: the broad one of make_logprobs, whose
-    95% nucleus holds tens of thousands of tokens, and a peaked one, where a few
+    95% nucleus contains tens of thousands of tokens, and a peaked one, where a few
     tokens carry most of the mass as in a confident LLM step."""
     broad = fusion.fuse_dense(make_logprobs(rng, 8, n), rng.random(8) + 0.1)
     peaked_logits = make_logprobs(rng, 8, n) * 3.0

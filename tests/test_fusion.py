@@ -43,7 +43,7 @@ def test_fuse_dense_matches_reference(case, temperature):
 @PROPERTY_SETTINGS
 @given(n=VOCAB_SIZES, kind=st.sampled_from(ROW_KINDS), seed=st.integers(0, 2**32 - 1),
        weight=st.floats(1e-3, 1e3))
-def test_fuse_dense_single_expert_returns_its_distribution(n, kind, seed, weight):
+def test_fuse_dense_single_expert_unchanged(n, kind, seed, weight):
     row = make_logits(np.random.default_rng(seed), 1, n, kind)[0]
 
     fused = fusion.fuse_dense([row], [weight])
@@ -53,7 +53,7 @@ def test_fuse_dense_single_expert_returns_its_distribution(n, kind, seed, weight
 
 @PROPERTY_SETTINGS
 @given(n=VOCAB_SIZES, k=EXPERT_COUNTS, seed=st.integers(0, 2**32 - 1), data=st.data())
-def test_fuse_dense_equal_experts_return_their_distribution(n, k, seed, data):
+def test_fuse_dense_equal_experts_unchanged(n, k, seed, data):
     row = make_logits(np.random.default_rng(seed), 1, n, "normal")[0]
     weights = data.draw(weight_vectors(k))
 
@@ -62,7 +62,7 @@ def test_fuse_dense_equal_experts_return_their_distribution(n, k, seed, data):
     assert_close_to_reference(fused, exact_softmax(row))
 
 
-def test_fuse_dense_zero_weight_expert_has_no_influence():
+def test_fuse_dense_zero_weight_ignored():
     rng = np.random.default_rng(3)
     rows = make_logits(rng, 3, 1000, "normal")
 
@@ -72,7 +72,7 @@ def test_fuse_dense_zero_weight_expert_has_no_influence():
     assert_close_to_reference(with_zero, without)
 
 
-def test_fuse_dense_accepts_list_and_writes_out():
+def test_fuse_dense_list_input_and_out():
     rows = make_logits(np.random.default_rng(4), 2, 500, "normal")
     out = np.empty(500, dtype=np.float32)
 

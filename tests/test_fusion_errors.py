@@ -61,7 +61,7 @@ def test_fuse_dense_nonfinite_logprob_names_position(bad):
     assert repr(bad) in str(error)
 
 
-def test_fuse_dense_nonfinite_in_zero_weight_row_is_rejected():
+def test_fuse_dense_nonfinite_zero_weight_row():
     rows = logprob_rows()
     rows[1, 0] = math.nan
 
@@ -170,7 +170,7 @@ def test_fuse_sparse_id_out_of_range(bad_id):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fuse_sparse_id_beyond_int32_is_not_wrapped(backend):
+def test_fuse_sparse_id_beyond_int32(backend):
     ids, logprobs, tails, weights = sparse_inputs()
     ids[0] = np.array([0, 2**32 + 5, 9], dtype=np.int64)
 
@@ -334,7 +334,7 @@ def test_backend_from_environment(monkeypatch):
         fusion.resolve_backend()
 
 
-def test_missing_kernel_raises_import_error_with_rebuild_hint(monkeypatch):
+def test_missing_kernel_names_rebuild_command(monkeypatch):
     monkeypatch.setattr(fusion, "_lib", None)
     monkeypatch.setattr(fusion, "_IMPORT_ERROR", ImportError("No module named 'coordinator._fusion_c'"))
     monkeypatch.delenv(fusion.BACKEND_ENV, raising=False)

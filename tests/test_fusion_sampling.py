@@ -15,15 +15,15 @@ PROPERTY_SETTINGS = settings(max_examples=100, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 # Significance level of the chi-square tests. The draws come from a fixed seed, so
-# each test is deterministic; a correct sampler passes at this level for the seed.
+# each test is deterministic, and a correct sampler passes at this level for the seed.
 ALPHA = 1e-3
 DRAWS = 20_000
 SEED = 20240611
 
 # The kernel's cumulative sums and its float32 tempered weights differ from the
-# reference's by rounding (relative error up to about 1e-5 for temperature 0.05),
-# so the kernel may pick another token when u * total lies this close, relative to
-# the total, to the boundary between them.
+# reference's by rounding, with relative error up to about 1e-5 for temperature 0.05.
+# So the kernel may pick another token when u * total lies within this fraction of
+# the total from the boundary between the two tokens.
 BOUNDARY_RTOL = 1e-4
 
 
@@ -134,14 +134,14 @@ def test_sample_is_reproducible(probs, parameters, u):
 # --- greedy and ties ----------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["c", "reference"])
-def test_sample_greedy_ties_resolve_to_lowest_id(backend):
+def test_sample_greedy_tie_takes_lowest_id(backend):
     probs = np.array([0.1, 0.3, 0.05, 0.3, 0.25], dtype=np.float32)
 
     assert fusion.sample(probs, temperature=0.0, backend=backend) == 1
 
 
 @pytest.mark.parametrize("backend", ["c", "reference"])
-def test_sample_top_k_ties_keep_lowest_ids(backend):
+def test_sample_top_k_tie_keeps_lowest_ids(backend):
     probs = np.array([0.1, 0.2, 0.2, 0.2, 0.3], dtype=np.float32)
     # top_k = 2 keeps token 4 and, of the three tied tokens, the lowest id 1.
     tokens = {fusion.sample(probs, top_k=2, u=u, backend=backend) for u in np.linspace(0, 0.999, 50)}
@@ -150,7 +150,7 @@ def test_sample_top_k_ties_keep_lowest_ids(backend):
 
 
 @pytest.mark.parametrize("backend", ["c", "reference"])
-def test_sample_u_extremes_pick_first_and_last_kept(backend):
+def test_sample_u_extremes_pick_ends(backend):
     probs = np.array([0.0, 0.2, 0.0, 0.5, 0.3, 0.0], dtype=np.float32)
 
     assert fusion.sample(probs, u=0.0, backend=backend) == 1
@@ -169,7 +169,7 @@ def test_sample_sparse_returns_listed_ids(backend):
     assert fusion.sample(fused, temperature=0.0, backend=backend) == 3
 
 
-def test_sample_large_vocabulary_kept_set_paths():
+def test_sample_large_vocabulary_paths():
     # More than 256 kept tokens take the masked walk over the whole vocabulary, fewer
     # take the sorted list; both must agree with the reference.
     rng = np.random.default_rng(5)
