@@ -16,10 +16,12 @@
 /*
  * On x86-64 Linux with gcc, each hot loop is compiled three times (baseline SSE2,
  * x86-64-v3 with AVX2 and FMA, x86-64-v4 with AVX-512), and the loader picks the
- * best one for the running CPU, so the module stays portable. Elsewhere the
- * baseline build runs.
+ * best one for the running CPU, so the module stays portable. Elsewhere, or when
+ * built with -DMOE2_NO_CLONES (to test one instruction set), the loops are
+ * compiled once for the compiler's target.
  */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(MOE2_NO_CLONES)
 #define MOE2_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define MOE2_CLONES
