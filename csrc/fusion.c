@@ -1,6 +1,6 @@
 /*
- * MoE² fusion and sampling kernel: the checks shared by all parts, and the exp
- * approximation exposed for tests. The contract of every public function is in
+ * MoE² fusion and sampling kernel: the checks shared by all parts, and the exp and
+ * log approximations exposed for tests. The contract of every public function is in
  * fusion.h. The parts live in fusion_dense.c (dense fusion), fusion_lists.c
  * (sparse fusion) and fusion_sample.c (sampling).
  *
@@ -19,6 +19,18 @@ void moe2_compute_exp(float *values, int64_t n)
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         values[i] = exp_approx(values[i]);
+    }
+}
+
+MOE2_CLONES
+void moe2_compute_log(float *values, int64_t n)
+{
+    if (values == NULL) {
+        return;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        values[i] = log_approx(values[i]);
     }
 }
 

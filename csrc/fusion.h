@@ -172,6 +172,9 @@ int32_t moe2_sample_token(const float *probs, const int32_t *ids, int64_t n,
 /* Compute exp(x) with the kernel's approximation, for tests: n floats, in place. */
 void moe2_compute_exp(float *values, int64_t n);
 
+/* Compute ln(x) with the sampler's approximation, for tests: n floats > 0, in place. */
+void moe2_compute_log(float *values, int64_t n);
+
 /* cdef end */
 
 #ifdef __cplusplus

@@ -34,6 +34,18 @@ def test_exp_approximation_relative_error():
     assert relative.max() < EXP_RTOL, f"x = {x[np.argmax(relative)]!r}"
 
 
+def test_log_approximation_error():
+    # Every 1009th positive float bit pattern below infinity, subnormals included.
+    bits = np.arange(1, 0x7F800000, 1009, dtype=np.uint32)
+    x = bits.view(np.float32)
+    approx = x.copy()
+    lib.moe2_compute_log(ffi.from_buffer("float[]", approx, require_writable=True), approx.size)
+
+    exact = np.log(x.astype(np.float64))
+    excess = np.abs(approx.astype(np.float64) - exact) - (1e-7 + 1.2e-7 * np.abs(exact))
+    assert excess.max() <= 0, f"x = {x[np.argmax(excess)]!r}"
+
+
 def test_exp_approximation_flushes_below_minus_87():
     x = np.float32([-87.01, -100.0, -1e4, -3.4e38])
 
