@@ -383,9 +383,10 @@ def sample(distribution: np.ndarray | SparseFused, *, temperature: float = 1.0, 
     never returned. The full rules are in csrc/fusion.h.
 
     The C kernel and the reference return the same token except when u * total falls
-    near a boundary between two tokens' cumulative weights: within about 1e-7 of the
-    total at temperature 1, and up to about 1e-5 at temperature 0.05, because the
-    kernel computes tempered weights with float32 approximations.
+    near a boundary between two tokens' cumulative weights. At temperature 1 "near"
+    means within the rounding of double sums. At other temperatures it can reach
+    about 1e-5 of the total (measured at 0.05), because the kernel computes tempered
+    weights with float32 approximations of exp and log.
 
     Raises InvalidParameterError, ShapeError, NonFiniteError,
     NegativeProbabilityError, ZeroMassError (no positive probability),
