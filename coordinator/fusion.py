@@ -385,7 +385,7 @@ def sample(distribution: np.ndarray | SparseFused, *, temperature: float = 1.0, 
     The C kernel and the reference return the same token except when u * total falls
     near a boundary between two tokens' cumulative weights. At temperature 1 "near"
     means within the rounding of double sums. At other temperatures it can reach
-    about 1e-5 of the total (measured at 0.05), because the kernel computes tempered
+    about 1e-5 of the total (estimated at 0.05), because the kernel computes tempered
     weights with float32 approximations of exp and log.
 
     Raises InvalidParameterError, ShapeError, NonFiniteError,

@@ -21,7 +21,7 @@ DRAWS = 20_000
 SEED = 20240611
 
 # The kernel's cumulative sums and its float32 tempered weights differ from the
-# reference's by rounding, with relative error up to about 1e-5 for temperature 0.05.
+# reference's by rounding, with relative error estimated at up to 1e-5 for temperature 0.05.
 # So the kernel may pick another token when u * total lies within this fraction of
 # the total from the boundary between the two tokens.
 BOUNDARY_RTOL = 1e-4
