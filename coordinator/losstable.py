@@ -12,67 +12,17 @@ nats per example. Subsets are int bitmasks over the score table's expert columns
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+# The score table's reader lives with its writer; it is re-exported for `moe2 select`.
+from coordinator.scoretable import ScoreTable, ScoreTableError, load_score_table
+
+__all__ = ["LossTable", "ScoreTable", "ScoreTableError", "load_gates", "load_score_table", "validate_gates"]
+
 # Rows x experts x subsets handled at once by the batched evaluation (float64 elements).
 _BATCH_ELEMENTS = 1 << 22
-
-
-@dataclass(frozen=True)
-class ScoreTable:
-    """The arrays of a score table NPZ that the loss needs."""
-
-    logprobs: np.ndarray      # float [n_targets_total, N]
-    offsets: np.ndarray       # int64 [n_examples + 1]
-    experts: tuple[str, ...]
-    example_ids: tuple[str, ...] = ()
-    meta: dict | None = None
-
-    @property
-    def n_experts(self) -> int:
-        return self.logprobs.shape[1]
-
-    @property
-    def n_examples(self) -> int:
-        return len(self.offsets) - 1
-
-
-def load_score_table(path: str | Path) -> ScoreTable:
-    """Read and validate a score table NPZ (keys `logprobs`, `offsets`, `experts`, ...)."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [key for key in ("logprobs", "offsets", "experts") if key not in data]
-            if missing:
-                raise ValueError(f"score table {path} is missing {', '.join(missing)}; write it with `moe2 score`")
-            logprobs = np.asarray(data["logprobs"])
-            offsets = np.asarray(data["offsets"])
-            experts = tuple(str(name) for name in data["experts"])
-            example_ids = tuple(str(i) for i in data["example_ids"]) if "example_ids" in data else ()
-            meta = json.loads(str(data["meta_json"])) if "meta_json" in data else None
-    except FileNotFoundError:
-        raise FileNotFoundError(f"score table not found: {path}") from None
-    table = ScoreTable(logprobs=logprobs, offsets=offsets, experts=experts, example_ids=example_ids, meta=meta)
-    validate_score_table(table, str(path))
-    return table
-
-
-def validate_score_table(table: ScoreTable, source: str = "score table") -> None:
-    logprobs, offsets = table.logprobs, table.offsets
-    if logprobs.ndim != 2 or logprobs.shape[1] == 0:
-        raise ValueError(f"{source}: logprobs must have shape [n_targets, N] with N >= 1, got {logprobs.shape}")
-    if len(table.experts) != logprobs.shape[1]:
-        raise ValueError(f"{source}: {len(table.experts)} expert names for {logprobs.shape[1]} logprobs columns")
-    if offsets.ndim != 1 or len(offsets) < 2:
-        raise ValueError(f"{source}: offsets must list n_examples + 1 >= 2 positions, got shape {offsets.shape}")
-    if offsets[0] != 0 or offsets[-1] != logprobs.shape[0] or np.any(np.diff(offsets) < 0):
-        raise ValueError(f"{source}: offsets must rise from 0 to the number of target rows ({logprobs.shape[0]})")
-    if np.any(np.isnan(logprobs)) or np.any(logprobs > 0):
-        raise ValueError(f"{source}: logprobs must be log-probabilities (<= 0, not NaN)")
 
 
 def load_gates(path: str | Path, n_examples: int, n_experts: int) -> np.ndarray:
@@ -99,7 +49,7 @@ class LossTable:
     """L(S) for bitmask subsets, memoized; `evaluations` counts subsets actually computed."""
 
     def __init__(self, table: ScoreTable, gates: np.ndarray | None = None, top_k: int | None = None):
-        validate_score_table(table)
+        table.validate()
         n_experts = table.n_experts
         if top_k is not None and not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k must be between 1 and the number of experts ({n_experts}), got {top_k}")

@@ -42,8 +42,9 @@ class ScoreTable:
     logprobs: np.ndarray                  # float32 [n_targets_total, N]
     offsets: np.ndarray                   # int64 [n_examples + 1]
     experts: list[str]
-    fingerprints: list[str]
-    example_ids: list[str]
+    # Required in files; optional in memory, for loss tables built from synthetic data.
+    fingerprints: list[str] | None = None
+    example_ids: list[str] | None = None
     meta: dict = field(default_factory=dict)
     subjects: list[str] | None = None
     gate_texts: list[str] | None = None
@@ -83,7 +84,7 @@ class ScoreTable:
                                   ("subjects", self.subjects, n), ("gate_texts", self.gate_texts, n)):
             if values is not None and len(values) != size:
                 raise ScoreTableError(f"{source}: {key} has {len(values)} entries, expected {size}")
-        if len(set(self.example_ids)) != n:
+        if self.example_ids is not None and len(set(self.example_ids)) != n:
             raise ScoreTableError(f"{source}: example_ids are not unique")
         if (self.choice_logprobs is None) != (self.answers is None):
             raise ScoreTableError(f"{source}: choice_logprobs and answers must be present together")
@@ -103,7 +104,7 @@ class ScoreTable:
         pick = (lambda values: None if values is None else [values[i] for i in indices])
         return ScoreTable(
             logprobs=self.logprobs[rows], offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            experts=list(self.experts), fingerprints=list(self.fingerprints),
+            experts=list(self.experts), fingerprints=None if self.fingerprints is None else list(self.fingerprints),
             example_ids=pick(self.example_ids), meta=dict(self.meta), subjects=pick(self.subjects),
             gate_texts=pick(self.gate_texts),
             choice_logprobs=None if self.choice_logprobs is None else self.choice_logprobs[indices],
@@ -113,6 +114,9 @@ class ScoreTable:
 def save_score_table(table: ScoreTable, path: Path | str) -> None:
     """Validate `table` and write it atomically as an uncompressed NPZ."""
     table.validate()
+    for key in ("fingerprints", "example_ids"):
+        if getattr(table, key) is None:
+            raise ScoreTableError(f"a score table file needs {key}; set them before saving")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {

@@ -13,8 +13,7 @@ from coordinator.smo import mask_members
 
 
 def random_table(rng, n_experts=5, n_examples=9, max_targets=5):
-    lengths = rng.integers(0, max_targets + 1, n_examples)
-    lengths[0] = max(lengths[0], 1)
+    lengths = rng.integers(1, max_targets + 1, n_examples)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     probs = rng.dirichlet(np.ones(40), size=(offsets[-1], n_experts))[..., 0]
     logprobs = np.log(probs).astype(np.float32)
@@ -104,14 +103,15 @@ def test_loss_table_npz_round_trip(tmp_path):
     loaded = load_score_table(path)
     loaded_gates = load_gates(tmp_path / "gates.npy", loaded.n_examples, loaded.n_experts)
 
-    assert loaded.experts == table.experts
+    assert list(loaded.experts) == list(table.experts)
     assert loaded.meta == {"prompt_format": "plain"}
     assert LossTable(loaded, loaded_gates).loss(0b111) == pytest.approx(direct_loss(table, gates, 0b111))
 
 
 def test_load_score_table_rejects_bad_offsets(tmp_path):
     path = tmp_path / "scores.npz"
-    np.savez(path, logprobs=np.zeros((4, 2), dtype=np.float32), offsets=np.array([0, 3]), experts=np.array(["a", "b"]))
+    np.savez(path, logprobs=np.zeros((4, 2), dtype=np.float32), offsets=np.array([0, 3]), experts=np.array(["a", "b"]),
+             fingerprints=np.array(["fa", "fb"]), example_ids=np.array(["x0"]), meta_json=np.array("{}"))
 
     with pytest.raises(ValueError, match="offsets"):
         load_score_table(path)
@@ -121,7 +121,7 @@ def test_load_score_table_missing_key(tmp_path):
     path = tmp_path / "scores.npz"
     np.savez(path, logprobs=np.zeros((4, 2), dtype=np.float32), offsets=np.array([0, 4]))
 
-    with pytest.raises(ValueError, match="missing experts"):
+    with pytest.raises(ValueError, match="lacks keys.*experts"):
         load_score_table(path)
 
 
