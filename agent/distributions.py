@@ -1,4 +1,5 @@
-"""Next-token distributions from raw logits: dense log-probabilities and sparse top-m.
+"""Next-token distributions from raw logits: dense log-probabilities, dense
+probabilities and sparse top-m.
 
 All functions take the logits of the real tokens only (padding ids already cut off), so
 probabilities are normalized over the real tokens and padding has probability 0.
@@ -9,6 +10,10 @@ the output float32. The result differs from an all-float64 log-softmax by about 
 float32 ulp of each output (checked against a float64 reference in the tests). A
 float64 exponential over a 262,144-token vocabulary takes about 2 ms on one x86 core,
 10 times the float32 one, which would be 10% of a decode step of the 270M demo model.
+Probabilities are those float32 exponentials scaled by the reciprocal of the float64
+sum. Their relative error comes mostly from rounding the shifted logit to float32, so
+it grows with the distance from the maximum logit: 4e-6 at 40 below it, as for exp()
+of the log-probabilities (measured against float64 on random logits).
 """
 
 from __future__ import annotations
@@ -51,6 +56,24 @@ def log_softmax(logits: np.ndarray, scratch: np.ndarray | None = None) -> np.nda
     return np.subtract(logits, np.float32(normalizer), dtype=np.float32)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Return float32 probabilities of float32 `logits` (a new array).
+
+    The exponentials computed for the normalizer are scaled in place, so this takes
+    the same passes over the logits as `log_softmax`.
+    """
+    peak = float(logits.max())
+    if not np.isfinite(peak):
+        raise NonFiniteLogits(f"the maximum logit is {peak}")
+    probs = np.subtract(logits, np.float32(peak), dtype=np.float32)
+    np.exp(probs, out=probs)
+    total = float(probs.sum(dtype=np.float64))
+    if not np.isfinite(total) or total <= 0.0:
+        raise NonFiniteLogits(f"the sum of exponentials is {total}")
+    probs *= np.float32(1.0 / total)
+    return probs
+
+
 def top_m(logits: np.ndarray, m: int, scratch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Return (ids, log-probabilities, tail) of the m most likely tokens.
 
@@ -90,6 +113,8 @@ def encode(logits: np.ndarray, fmt: protocol.DistributionFormat, scratch: np.nda
     """Return the wire DIST map of `logits` in format `fmt` (see agent.protocol)."""
     if fmt.kind == "dense":
         return protocol.encode_dense(log_softmax(logits, scratch))
+    if fmt.kind == "dense_prob":
+        return protocol.encode_dense_prob(softmax(logits))
     ids, logprobs, tail = top_m(logits, fmt.m, scratch)
     return protocol.encode_sparse(ids, logprobs, tail)
 

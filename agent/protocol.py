@@ -30,11 +30,12 @@ Operations and their fields (every field listed is required unless marked option
                "compute_s", "energy_j", "meter", "energy" as in DISTRIBUTION}
     ping   -> {"time": FLOAT unix seconds}
 
-    FORMAT = {"kind": "dense"} | {"kind": "sparse", "m": INT >= 1}
+    FORMAT = {"kind": "dense"} | {"kind": "dense_prob"} | {"kind": "sparse", "m": INT >= 1}
     DISTRIBUTION = {"step": INT, "n_past": INT, "dist": DIST,
                     "compute_s": FLOAT, "energy_j": FLOAT or None, "meter": STR,
                     "energy": ENERGY RECORD MAP or None}
     DIST = {"kind": "dense", "logprobs": ARRAY <f4 of n_tokens}
+         | {"kind": "dense_prob", "probs": ARRAY <f4 of n_tokens}
          | {"kind": "sparse", "ids": ARRAY <i4 of m, "logprobs": ARRAY <f4 of m,
             "tail": FLOAT probability mass outside the m ids}
 
@@ -45,7 +46,11 @@ not the session's next number is rejected with `bad_step`, so a duplicate or
 reordered step never corrupts the KV cache.
 
 Dense distributions cover the real tokens only (`n_tokens` of `info`); ids at or above
-it are padding in the GGUF and have probability 0.
+it are padding in the GGUF and have probability 0. `dense` carries log-probabilities
+and `dense_prob` probabilities, which sum to 1 within float32 rounding. Both take
+4 bytes per token, and the coordinator fuses probabilities without computing exp().
+`dense_prob` was added to version 1 without changing the other messages. An agent
+that predates it rejects the format with `bad_request` naming the field `format.kind`.
 """
 
 from __future__ import annotations
@@ -216,24 +221,29 @@ def _type_names(kinds: tuple[type, ...]) -> str:
 
 # --- distribution formats ------------------------------------------------------------
 
+FORMAT_KINDS = ("dense", "dense_prob", "sparse")
+DENSE_KINDS = ("dense", "dense_prob")
+
+
 @dataclass(frozen=True)
 class DistributionFormat:
-    kind: str          # "dense" or "sparse"
+    kind: str          # one of FORMAT_KINDS
     m: int = 0         # top-m size for sparse
 
     def to_wire(self) -> dict:
-        return {"kind": "dense"} if self.kind == "dense" else {"kind": "sparse", "m": self.m}
+        return {"kind": "sparse", "m": self.m} if self.kind == "sparse" else {"kind": self.kind}
 
     @classmethod
     def from_wire(cls, value: Any, field: str = "format") -> DistributionFormat:
         if not isinstance(value, dict):
-            raise ProtocolError(BAD_REQUEST, f"{field} must be a map like {{'kind': 'dense'}} or {{'kind': 'sparse', 'm': 256}}", field)
+            raise ProtocolError(BAD_REQUEST, f"{field} must be a map like {{'kind': 'dense'}}, "
+                                "{'kind': 'dense_prob'} or {'kind': 'sparse', 'm': 256}", field)
         kind = value.get("kind")
-        if kind == "dense":
+        if kind in DENSE_KINDS:
             extra = set(value) - {"kind"}
             if extra:
                 raise ProtocolError(BAD_REQUEST, f"{field} has unknown key {sorted(extra)[0]!r}", field)
-            return cls("dense")
+            return cls(kind)
         if kind == "sparse":
             extra = set(value) - {"kind", "m"}
             if extra:
@@ -242,14 +252,20 @@ class DistributionFormat:
             if not isinstance(m, int) or isinstance(m, bool) or m < 1:
                 raise ProtocolError(BAD_REQUEST, f"{field}.m must be a positive integer, got {m!r}", f"{field}.m")
             return cls("sparse", m)
-        raise ProtocolError(BAD_REQUEST, f"{field}.kind must be 'dense' or 'sparse', got {kind!r}", f"{field}.kind")
+        raise ProtocolError(BAD_REQUEST, f"{field}.kind must be 'dense', 'dense_prob' or 'sparse', "
+                            f"got {kind!r}", f"{field}.kind")
 
 
 DENSE = DistributionFormat("dense")
+DENSE_PROB = DistributionFormat("dense_prob")
 
 
 def encode_dense(logprobs: np.ndarray) -> dict:
     return {"kind": "dense", "logprobs": encode_array(logprobs, "<f4")}
+
+
+def encode_dense_prob(probs: np.ndarray) -> dict:
+    return {"kind": "dense_prob", "probs": encode_array(probs, "<f4")}
 
 
 def encode_sparse(ids: np.ndarray, logprobs: np.ndarray, tail: float) -> dict:
@@ -259,20 +275,38 @@ def encode_sparse(ids: np.ndarray, logprobs: np.ndarray, tail: float) -> dict:
 
 @dataclass(frozen=True)
 class Distribution:
-    """A decoded next-token distribution: dense log-probabilities or a sparse top-m."""
+    """A decoded next-token distribution: dense log-probabilities, dense probabilities or
+    a sparse top-m."""
 
-    kind: str
-    logprobs: np.ndarray                 # float32; dense: n_tokens, sparse: m
+    kind: str                            # one of FORMAT_KINDS
+    logprobs: np.ndarray | None          # float32; dense: n_tokens, sparse: m, dense_prob: None
     ids: np.ndarray | None = None        # int32, sparse only
     tail: float = 0.0                    # probability mass outside `ids`, sparse only
+    probs: np.ndarray | None = None      # float32 of n_tokens, dense_prob only
+
+    @property
+    def dense_values(self) -> np.ndarray | None:
+        """The n_tokens array of a dense kind (log-probabilities or probabilities), else None."""
+        if self.kind == "dense_prob":
+            return self.probs
+        return self.logprobs if self.kind == "dense" else None
 
 
 def decode_distribution(value: Any, field: str = "dist") -> Distribution:
+    """Decode a DIST map, checking its kind, dtypes and the sparse lengths.
+
+    The length of a dense array and the values themselves are not checked here: the
+    caller knows n_tokens, and the fusion kernel rejects NaN and infinite values and
+    negative probabilities.
+    """
     if not isinstance(value, dict):
         raise ProtocolError(BAD_REQUEST, f"{field} must be a map", field)
     kind = value.get("kind")
     if kind == "dense":
         return Distribution("dense", decode_array(value.get("logprobs"), f"{field}.logprobs", "<f4"))
+    if kind == "dense_prob":
+        probs = decode_array(value.get("probs"), f"{field}.probs", "<f4")
+        return Distribution("dense_prob", None, probs=probs)
     if kind == "sparse":
         ids = decode_array(value.get("ids"), f"{field}.ids", "<i4")
         logprobs = decode_array(value.get("logprobs"), f"{field}.logprobs", "<f4")
@@ -282,4 +316,5 @@ def decode_distribution(value: Any, field: str = "dist") -> Distribution:
         if not isinstance(tail, (int, float)) or isinstance(tail, bool):
             raise ProtocolError(BAD_REQUEST, f"{field}.tail must be a number, got {tail!r}", f"{field}.tail")
         return Distribution("sparse", logprobs, ids, float(tail))
-    raise ProtocolError(BAD_REQUEST, f"{field}.kind must be 'dense' or 'sparse', got {kind!r}", f"{field}.kind")
+    raise ProtocolError(BAD_REQUEST, f"{field}.kind must be 'dense', 'dense_prob' or 'sparse', "
+                        f"got {kind!r}", f"{field}.kind")

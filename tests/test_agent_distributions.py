@@ -1,8 +1,11 @@
-"""Log-softmax and top-m of agent.distributions against float64 numpy references.
+"""Log-softmax, softmax and top-m of agent.distributions against float64 numpy references.
 
 Tolerance: outputs are float32, so they are compared with a float64 log-softmax of the
 same float32 logits to 1e-5 absolute, about 5 float32 ulps of values near 30 in
-magnitude (the range of real logits in these tests).
+magnitude (the range of real logits in these tests). Probabilities are compared with
+the float64 softmax to a relative 1e-5: the error of a probability is about the
+absolute error of its float32 shifted logit, which is below 1e-5 for logits less than
+128 below the maximum. Values below 1e-37 (float32 subnormals) get an absolute 1e-37.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from agent import distributions, protocol
 from agent.protocol import DistributionFormat
 
 TOLERANCE = 1e-5
+PROB_RTOL = 1e-5
+PROB_ATOL = 1e-37
 
 
 def reference_log_softmax(logits: np.ndarray) -> np.ndarray:
     values = logits.astype(np.float64)
     values -= values.max()
     return values - np.log(np.exp(values).sum())
+
+
+def reference_softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(reference_log_softmax(logits))
 
 
 def random_logits(rng: np.random.Generator, size: int, scale: float = 8.0) -> np.ndarray:
@@ -83,6 +92,80 @@ def test_non_finite_logits_are_rejected(bad):
 def test_all_negative_infinity_is_rejected():
     with pytest.raises(distributions.NonFiniteLogits):
         distributions.log_softmax(np.full(5, -np.inf, dtype=np.float32))
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000, 262_144])
+def test_softmax_matches_float64(size):
+    rng = np.random.default_rng(size)
+    logits = random_logits(rng, size)
+
+    probs = distributions.softmax(logits)
+
+    assert probs.dtype == np.float32
+    assert probs.shape == logits.shape
+    np.testing.assert_allclose(probs, reference_softmax(logits), rtol=PROB_RTOL, atol=PROB_ATOL)
+    assert probs.sum(dtype=np.float64) == pytest.approx(1.0, abs=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float32, st.integers(1, 300),
+                  elements=st.floats(-30, 30, width=32, allow_nan=False)))
+def test_softmax_property(logits):
+    probs = distributions.softmax(logits)
+
+    np.testing.assert_allclose(probs, reference_softmax(logits), rtol=PROB_RTOL, atol=PROB_ATOL)
+    assert probs.min() >= 0.0
+    assert probs.sum(dtype=np.float64) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_softmax_equals_exp_of_log_softmax():
+    logits = random_logits(np.random.default_rng(5), 262_144, scale=20.0)
+
+    probs = distributions.softmax(logits)
+    from_logprobs = np.exp(distributions.log_softmax(logits).astype(np.float64))
+
+    np.testing.assert_allclose(probs, from_logprobs, rtol=PROB_RTOL, atol=PROB_ATOL)
+
+
+def test_softmax_does_not_modify_input():
+    logits = random_logits(np.random.default_rng(0), 100)
+    original = logits.copy()
+
+    distributions.softmax(logits)
+
+    np.testing.assert_array_equal(logits, original)
+
+
+def test_softmax_handles_negative_infinity():
+    logits = np.array([0.0, -np.inf, 1.0], dtype=np.float32)
+
+    probs = distributions.softmax(logits)
+
+    assert probs[1] == 0.0
+    assert probs.sum(dtype=np.float64) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_softmax_non_finite_logits_rejected(bad):
+    logits = np.zeros(10, dtype=np.float32)
+    logits[3] = bad
+
+    with pytest.raises(distributions.NonFiniteLogits):
+        distributions.softmax(logits)
+
+
+def test_softmax_all_negative_infinity_rejected():
+    with pytest.raises(distributions.NonFiniteLogits):
+        distributions.softmax(np.full(5, -np.inf, dtype=np.float32))
+
+
+def test_encode_dense_prob_matches_softmax():
+    logits = random_logits(np.random.default_rng(6), 300)
+
+    dist = protocol.decode_distribution(distributions.encode(logits, protocol.DENSE_PROB))
+
+    assert dist.kind == "dense_prob"
+    np.testing.assert_array_equal(dist.probs, distributions.softmax(logits))
 
 
 @pytest.mark.parametrize("m", [1, 16, 256])
