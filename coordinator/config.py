@@ -22,8 +22,8 @@ where a default exists):
     top_k = 2                    # default: all of S
 
     [distribution]
-    format = "sparse"            # "sparse" (top-m) or "dense"
-    top_m = 256
+    format = "sparse"            # "sparse" (top-m), "dense_prob" or "dense"
+    top_m = 256                  # sparse only
 
     [sampling]
     temperature = 0.8            # 0 selects greedy decoding
@@ -42,6 +42,11 @@ where a default exists):
     [cache]
     vocab_dir = "~/.cache/moe2/vocab"   # absent: vocabularies are cached in memory only
 
+Distribution formats: "sparse" sends the top_m most likely tokens and their tail mass.
+"dense_prob" sends the probabilities of every real token and "dense" their
+log-probabilities, 4 bytes per token each (1 MiB per step for a 262,144-token
+vocabulary).
+
 Relative paths resolve against the directory of the configuration file. Every error
 names the key (such as `experts[1].endpoint` or `selection.top_k`) and the bad value.
 """
@@ -58,7 +63,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-DISTRIBUTION_FORMATS = ("sparse", "dense")
+from agent.protocol import DistributionFormat
+
+DISTRIBUTION_FORMATS = ("sparse", "dense_prob", "dense")
 DEFAULT_TOP_M = 256
 # Files of an embedder folder, as `moe2 export-embedder` writes them.
 EMBEDDER_ONNX = "model.onnx"
@@ -150,6 +157,13 @@ class Config:
     def expert_names(self) -> tuple[str, ...]:
         return tuple(expert.name for expert in self.experts)
 
+    @property
+    def wire_format(self) -> DistributionFormat:
+        """The distribution format that the agents are asked for."""
+        if self.distribution_format == "sparse":
+            return DistributionFormat("sparse", self.top_m)
+        return DistributionFormat(self.distribution_format)
+
     def with_overrides(self, *, top_k: int | None = None, max_tokens: int | None = None,
                        temperature: float | None = None, top_p: float | None = None,
                        seed: int | None = None, stop: list[str] | None = None) -> Config:
@@ -201,9 +215,10 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None, source: Pat
     distribution = _section(data, "distribution", {"format", "top_m"})
     distribution_format = distribution.get("format", "sparse")
     if distribution_format not in DISTRIBUTION_FORMATS:
-        raise ConfigError("distribution.format", distribution_format, "must be \"sparse\" or \"dense\"")
+        raise ConfigError("distribution.format", distribution_format,
+                          "must be \"sparse\", \"dense_prob\" or \"dense\"")
     top_m = _positive_int("distribution.top_m", distribution.get("top_m", DEFAULT_TOP_M))
-    if distribution_format == "dense" and "top_m" in distribution:
+    if distribution_format != "sparse" and "top_m" in distribution:
         raise ConfigError("distribution.top_m", top_m, "applies only to format = \"sparse\"; remove it or set format = \"sparse\"")
 
     return Config(

@@ -62,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=48, help="maximum generated tokens (default: 48)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument("--format", choices=("sparse", "dense"), default="sparse",
+    parser.add_argument("--format", choices=("sparse", "dense_prob", "dense"), default="sparse",
                         help="distribution format sent by the agents (default: sparse top-256)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq.asyncio
 
-from agent.protocol import Distribution, DistributionFormat
+from agent.protocol import Distribution
 from coordinator import fusion
 from coordinator.client import AgentClient, AgentError, AgentInfo, Vocabulary, VocabularyCache
 from coordinator.config import Config
@@ -211,8 +211,7 @@ class _Request:
         self.request_id = uuid.uuid4().hex[:12]
         self.events: list[ExpertEvent] = []
         self.participants: list[Participant] = []
-        self.format = (DistributionFormat("dense") if config.distribution_format == "dense"
-                       else DistributionFormat("sparse", config.top_m))
+        self.format = config.wire_format
 
     async def execute(self) -> GenerationResult:
         started = time.monotonic()
@@ -343,11 +342,14 @@ def fuse_and_sample(distributions: Sequence[Distribution], weights: np.ndarray, 
                     temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """Fuse the experts' distributions with `weights` (summing to 1) and sample a token.
 
-    Dense and sparse inputs go to the C kernel. Temperature and top-p apply to the
-    fused distribution, not to each expert's. The token is below `n_tokens`, so padded
-    ids of a GGUF vocabulary are never sampled.
+    Every format goes to the C kernel. Temperature and top-p apply to the fused
+    distribution, not to each expert's. Dense rows cover the real tokens only, so the
+    token is below `n_tokens` and padded ids of a GGUF vocabulary are never sampled.
     """
-    if distributions[0].kind == "dense":
+    kind = distributions[0].kind
+    if kind == "dense_prob":
+        fused = fusion.fuse_dense_probs([d.probs for d in distributions], weights)
+    elif kind == "dense":
         fused = fusion.fuse_dense([d.logprobs for d in distributions], weights)
     else:
         fused = fusion.fuse_sparse([d.ids for d in distributions], [d.logprobs for d in distributions],

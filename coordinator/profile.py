@@ -118,8 +118,7 @@ def usable_lengths(requested: list[int], info: AgentInfo, steps: int) -> list[in
 async def _run_once(client: AgentClient, config: Config, tokens: np.ndarray, steps: int) -> dict[str, Any]:
     """Open a session on `tokens`, send `steps` steps and close it; return the timings."""
     session = f"profile-{uuid.uuid4().hex[:12]}"
-    fmt = ({"kind": "dense"} if config.distribution_format == "dense"
-           else {"kind": "sparse", "m": config.top_m})
+    fmt = config.wire_format.to_wire()
     timeouts = config.timeouts
     started = time.perf_counter()
     reply = await client.call("open", timeouts.open_s, session=session,

@@ -203,8 +203,10 @@ class StepExchange:
             raise AgentProtocolError(name, f"reply to {owed.describe()}: {exc.message}") from None
         if distribution.kind != self.format.kind:
             raise AgentProtocolError(name, f"reply to {owed.describe()} is {distribution.kind}, requested {self.format.kind}")
-        if distribution.kind == "dense" and distribution.logprobs.size != n_tokens:
-            raise AgentProtocolError(name, f"dense reply to {owed.describe()} has {distribution.logprobs.size} entries, expected {n_tokens}")
+        dense = distribution.dense_values
+        if dense is not None and dense.size != n_tokens:
+            raise AgentProtocolError(name, f"{distribution.kind} reply to {owed.describe()} has {dense.size} entries, "
+                                           f"expected n_tokens = {n_tokens}")
         if distribution.kind == "sparse" and distribution.ids.size and (
                 int(distribution.ids.min()) < 0 or int(distribution.ids.max()) >= n_tokens):
             raise AgentProtocolError(name, f"sparse reply to {owed.describe()} has token ids outside 0..{n_tokens - 1}")

@@ -100,6 +100,9 @@ BAD_VALUES = [
     ("selection.subset", ["a", "a"], "selection.subset[1]"),
     ("selection.order", "gate", "selection.order"),
     ("distribution.format", "bitmap", "distribution.format"),
+    ("distribution.format", "dense-prob", "distribution.format"),
+    ("distribution.format", "probs", "distribution.format"),
+    ("distribution.format", 1, "distribution.format"),
     ("distribution.top_m", 0, "distribution.top_m"),
     ("distribution.top_m", 2.5, "distribution.top_m"),
     ("sampling.temperature", -0.1, "sampling.temperature"),
@@ -141,12 +144,25 @@ def test_config_bad_value_names_key(path: str, value: object, key: str):
     assert key in str(info.value)
 
 
-def test_config_dense_with_top_m_rejected():
-    data = with_value("distribution.format", "dense")
+@pytest.mark.parametrize("dist", ["dense", "dense_prob"])
+def test_config_dense_with_top_m_rejected(dist: str):
+    data = with_value("distribution.format", dist)
     data["distribution"]["top_m"] = 64
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert info.value.key == "distribution.top_m"
+    assert "distribution.top_m" in str(info.value)
+
+
+@pytest.mark.parametrize("dist, wire", [
+    ("sparse", {"kind": "sparse", "m": 256}),
+    ("dense", {"kind": "dense"}),
+    ("dense_prob", {"kind": "dense_prob"}),
+])
+def test_config_distribution_format_accepted(dist: str, wire: dict):
+    config = parse_config(with_value("distribution.format", dist))
+    assert config.distribution_format == dist
+    assert config.wire_format.to_wire() == wire
 
 
 @pytest.mark.parametrize("removed, key", [

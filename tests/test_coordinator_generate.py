@@ -82,7 +82,7 @@ def report(result: GenerationResult, name: str):
 # --- 1. k = 1 equals the single expert's greedy output ------------------------------------
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("dist", ["sparse", "dense"])
+@pytest.mark.parametrize("dist", ["sparse", "dense", "dense_prob"])
 def test_generate_top1_matches_llama_greedy(start_agent, tiny_model_path, greedy_reference, dist):
     agent = start_agent(tiny_model_path)
     result = generate(make_config({"a": agent.address}, top_k=1, dist=dist))
@@ -99,7 +99,7 @@ def test_generate_top1_matches_llama_greedy(start_agent, tiny_model_path, greedy
 # --- 2. two agents with the same model, k = 2, equal one of them --------------------------
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("dist", ["sparse", "dense"])
+@pytest.mark.parametrize("dist", ["sparse", "dense", "dense_prob"])
 def test_generate_two_identical_experts_match_one(start_agent, tiny_model_path, greedy_reference, dist):
     first = start_agent(tiny_model_path)
     second = start_agent(tiny_model_path)
@@ -246,7 +246,7 @@ def test_generate_padded_vocab_fused(start_agent, tiny_gguf):
     n_tokens = plain.model.vocab.n_tokens
     assert padded.model.vocab.n_vocab == n_tokens + 40
 
-    for dist in ("sparse", "dense"):
+    for dist in ("sparse", "dense", "dense_prob"):
         result = generate(make_config({"a": plain.address, "p": padded.address}, dist=dist,
                                       temperature=5.0, max_tokens=40), seed=7)
         assert served(result) == {"a": len(result.tokens), "p": len(result.tokens)}
