@@ -3,15 +3,17 @@
 Baseline step: llama-cpp-python's `Llama.eval([token])` (one llama_decode of one token)
 followed by copying the last logits row into a numpy array, the least a caller needs
 to use the distribution. Agent step: `AgentClient.step` against a `moe2-agent` process
-on tcp://127.0.0.1, which adds the log-softmax (dense) or top-m selection (sparse),
-msgpack, ZeroMQ and decoding the reply on the client side.
+on tcp://127.0.0.1, which adds the log-softmax (dense), the softmax (dense_prob) or
+the top-m selection (sparse), msgpack, ZeroMQ and decoding the reply on the client
+side.
 
 Both sides load the same GGUF with the same thread count and flash attention setting
-and decode the same token sequence from the same prompt. The three paths (baseline,
-dense, sparse) take one step each in turn, so a change in machine load hits all three
-alike. `*_ratio` is the ratio of median step latencies and decides the goals: sparse
-(m = 256) <= 1.05, dense <= 1.15. `*_paired_ratio` is the median of the per-step
-ratios, which is less sensitive to load that changes during the run.
+and decode the same token sequence from the same prompt. The four paths (baseline,
+dense, dense_prob, sparse) take one step each in turn, so a change in machine load
+hits all of them alike. `*_ratio` is the ratio of median step latencies and decides
+the goals: sparse (m = 256) <= 1.05, dense and dense_prob <= 1.15. `*_paired_ratio`
+is the median of the per-step ratios, which is less sensitive to load that changes
+during the run.
 
     python benchmarks/agent_step.py --quick
     python benchmarks/agent_step.py --model path/to/expert.gguf --threads 4 --rounds 8
@@ -42,7 +44,7 @@ sys.path.insert(0, str(REPOSITORY))
 from agent.client import AgentClient  # noqa: E402
 from agent.config import load_config  # noqa: E402
 from agent.model import ExpertModel  # noqa: E402
-from agent.protocol import DENSE, DistributionFormat  # noqa: E402
+from agent.protocol import DENSE, DENSE_PROB, DistributionFormat  # noqa: E402
 from agent.server import AgentServer  # noqa: E402
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -55,7 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="GGUF model (default: the demo model from the model cache)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 16 steps (under a minute on 2 idle cores)")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds of baseline, dense and sparse (default: 6)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="rounds of baseline, dense, dense_prob and sparse (default: 6)")
     parser.add_argument("--steps", type=int, default=48, help="decode steps per round and path (default: 48)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="llama.cpp threads on both sides (default: the CPUs this process may use)")
@@ -79,7 +82,7 @@ class AgentThread:
 
     def __init__(self, args: argparse.Namespace, n_ctx: int):
         config = load_config({"model": args.model, "bind": "tcp://127.0.0.1:*", "n_threads": args.threads,
-                              "n_ctx": n_ctx, "max_sessions": 2, "flash_attn": args.flash_attn})
+                              "n_ctx": n_ctx, "max_sessions": 3, "flash_attn": args.flash_attn})
         self.server = AgentServer(config, ExpertModel(config))
         self.address = self.server.endpoint
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -97,7 +100,7 @@ class AgentProcess:
 
     def __init__(self, args: argparse.Namespace, n_ctx: int):
         command = [sys.executable, "-m", "agent.cli", "--model", str(args.model), "--bind", "tcp://127.0.0.1:*",
-                   "--n-threads", str(args.threads), "--n-ctx", str(n_ctx), "--max-sessions", "2",
+                   "--n-threads", str(args.threads), "--n-ctx", str(n_ctx), "--max-sessions", "3",
                    "--flash-attn", args.flash_attn, "--log-level", "INFO"]
         self.process = subprocess.Popen(command, cwd=REPOSITORY, env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -199,8 +202,8 @@ def main() -> int:
     tokens = greedy_tokens(llm, prompt, args.steps)
     agent = (AgentThread if args.in_process else AgentProcess)(args, n_ctx=len(prompt) + args.steps + 8)
     sparse = DistributionFormat("sparse", args.m)
-    latencies: dict[str, list[float]] = {"baseline": [], "dense": [], "sparse": []}
-    compute: dict[str, list[float]] = {"dense": [], "sparse": []}
+    latencies: dict[str, list[float]] = {"baseline": [], "dense": [], "dense_prob": [], "sparse": []}
+    compute: dict[str, list[float]] = {"dense": [], "dense_prob": [], "sparse": []}
     try:
         with AgentClient(agent.address, timeout_s=60) as client:
             client.open("warm-up", prompt, DENSE)
@@ -208,6 +211,7 @@ def main() -> int:
             for round_index in range(args.rounds):
                 steppers = {"baseline": BaselineStepper(llm, prompt),
                             "dense": AgentStepper(client, f"dense-{round_index}", prompt, DENSE),
+                            "dense_prob": AgentStepper(client, f"dense-prob-{round_index}", prompt, DENSE_PROB),
                             "sparse": AgentStepper(client, f"sparse-{round_index}", prompt, sparse)}
                 lockstep_round(steppers, tokens, latencies)
                 for name in compute:
@@ -232,7 +236,7 @@ def main() -> int:
         "steps_per_path": len(baseline),
         "baseline_ms": round(median_ms(latencies["baseline"]), 3),
     }
-    for name, goal in (("dense", DENSE_GOAL), ("sparse", SPARSE_GOAL)):
+    for name, goal in (("dense", DENSE_GOAL), ("dense_prob", DENSE_GOAL), ("sparse", SPARSE_GOAL)):
         steps = np.array(latencies[name])
         ratio = float(np.median(steps) / np.median(baseline))
         result[f"{name}_ms"] = round(median_ms(latencies[name]), 3)
@@ -240,6 +244,9 @@ def main() -> int:
         result[f"{name}_ratio"] = round(ratio, 4)
         result[f"{name}_paired_ratio"] = round(float(np.median(steps / baseline)), 4)
         result[f"{name}_goal_met"] = ratio <= goal
+    # Below 1: the agent step is faster with probabilities than with log-probabilities.
+    result["dense_prob_vs_dense_paired_ratio"] = round(
+        float(np.median(np.array(latencies["dense_prob"]) / np.array(latencies["dense"]))), 4)
     print(json.dumps(result))
     return 0
 
