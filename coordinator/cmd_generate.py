@@ -107,6 +107,17 @@ def _joules(value: float | None) -> str:
     return "unknown" if value is None else f"{value:.3g} J"
 
 
+def describe_stop(result: GenerationResult) -> str:
+    """Return why generation ended, in words: the stop text, the end token or the limit."""
+    if result.stop_reason == "stop":
+        return f"stopped at stop text {result.stop_text!r}"
+    if result.stop_reason == "eos" and result.tokens:
+        return f"stopped at an end-of-sequence token (id {result.tokens[-1]})"
+    if result.stop_reason == "max_tokens":
+        return f"stopped at the token limit ({result.max_tokens})"
+    return f"stopped by {result.stop_reason}"
+
+
 def format_summary(result: GenerationResult) -> str:
     """Return a few human-readable lines: experts, weights, timing, energy."""
     lines = ["---"]
@@ -121,7 +132,7 @@ def format_summary(result: GenerationResult) -> str:
         if expert.dropped_at_step is not None:
             line += f", dropped at step {expert.dropped_at_step} ({expert.drop_reason})"
         lines.append(line)
-    lines.append(f"tokens: {steps} (stopped by {result.stop_reason}); first token {_seconds(result.time_to_first_token_s)}; "
+    lines.append(f"tokens: {steps}, {describe_stop(result)}; first token {_seconds(result.time_to_first_token_s)}; "
                  f"per token {_seconds(result.token_latency_mean_s, 1000, 'ms')} mean, "
                  f"{_seconds(result.token_latency_p95_s, 1000, 'ms')} p95; "
                  f"{'n/a' if result.tokens_per_s is None else f'{result.tokens_per_s:.3g}'} tokens/s")

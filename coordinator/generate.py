@@ -272,6 +272,7 @@ class _Request:
         finished = time.monotonic()
         return GenerationResult.build(
             request_id=self.request_id, text=stops.text, tokens=tokens, stop_reason=stop_reason,
+            stop_text=stops.matched, max_tokens=self.config.sampling.max_tokens,
             experts=[p.report() for p in self.participants], events=self.events,
             started=started, token_times=token_times, finished=finished, timings=timings,
             gate_s=gate_s, gate_uniform=uniform, seed=seed, top_k=self.config.top_k,

@@ -83,6 +83,8 @@ class GenerationResult:
     text: str
     tokens: list[int]
     stop_reason: str                  # "eos", "stop" (a stop string) or "max_tokens"
+    stop_text: str | None             # the stop string that ended the text, when stop_reason is "stop"
+    max_tokens: int                   # the token limit of the request
     experts: list[ExpertReport]
     events: list[ExpertEvent]
     time_to_first_token_s: float | None
@@ -110,7 +112,7 @@ class GenerationResult:
 
     @classmethod
     def build(cls, *, request_id: str, text: str, tokens: list[int], stop_reason: str,
-              experts: list[ExpertReport], events: list[ExpertEvent], started: float,
+              stop_text: str | None = None, max_tokens: int, experts: list[ExpertReport], events: list[ExpertEvent], started: float,
               token_times: Sequence[float], finished: float, timings: StepTimings,
               gate_s: float, gate_uniform: bool, seed: int, top_k: int, distribution: dict) -> GenerationResult:
         """Derive the timing figures from monotonic timestamps in seconds."""
@@ -119,7 +121,7 @@ class GenerationResult:
         total_s = finished - started
         return cls(
             request_id=request_id, text=text, tokens=list(tokens), stop_reason=stop_reason,
-            experts=experts, events=list(events),
+            stop_text=stop_text, max_tokens=max_tokens, experts=experts, events=list(events),
             time_to_first_token_s=token_times[0] - started if token_times else None,
             token_latency_mean_s=float(latencies.mean()) if latencies.size else None,
             token_latency_p95_s=float(np.percentile(latencies, 95)) if latencies.size else None,
@@ -139,15 +141,17 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]):
         self.stops = tuple(stops)
         self.text = ""
+        self.matched: str | None = None   # the stop string found, once feed() returned True
         self._emitted = 0
 
     def feed(self, piece: str, emit: Callable[[str], None]) -> bool:
         """Add `piece`; emit the text that is now final; return True at a stop string."""
         search_from = max(0, self._emitted - max((len(s) for s in self.stops), default=0))
         self.text += piece
-        matches = [index for stop in self.stops if (index := self.text.find(stop, search_from)) >= 0]
+        matches = [(index, stop) for stop in self.stops if (index := self.text.find(stop, search_from)) >= 0]
         if matches:
-            self.text = self.text[:min(matches)]
+            index, self.matched = min(matches, key=lambda match: match[0])
+            self.text = self.text[:index]
             self._emit_until(len(self.text), emit)
             return True
         self._emit_until(len(self.text) - self._held_back(), emit)

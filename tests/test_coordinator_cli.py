@@ -56,6 +56,7 @@ def test_cli_generate_streams_text_then_summary(start_agent, tiny_model_path, tm
     captured = capsys.readouterr()
     assert captured.out.endswith("\n")
     assert "a: gate 1.0000, weight 1.0000, served 5/5 steps" in captured.err
+    assert "tokens: 5, stopped at the token limit (5);" in captured.err
     assert "gate: uniform (no trained gate configured)" in captured.err
 
 

@@ -90,6 +90,8 @@ def test_generate_top1_matches_llama_greedy(start_agent, tiny_model_path, greedy
     assert result.tokens == greedy_reference["tokens"]
     assert len(result.tokens) == N_TOKENS, "the reference should not stop early, or the test checks too little"
     assert result.stop_reason == "max_tokens"
+    assert result.stop_text is None
+    assert result.max_tokens == N_TOKENS
     assert report(result, "a").weight == 1.0
     assert served(result) == {"a": N_TOKENS}
     assert result.gate_uniform
@@ -304,6 +306,7 @@ def test_generate_stop_string_cuts_text(start_agent, tiny_model_path):
     cut = generate(config, stop=[stop], on_text=streamed.append)
 
     assert cut.stop_reason == "stop"
+    assert cut.stop_text == stop
     assert cut.text == full.text[:full.text.index(stop)]
     assert "".join(streamed) == cut.text
     assert len(cut.tokens) <= len(full.tokens)

@@ -16,6 +16,7 @@ from agent import protocol
 from agent.protocol import DistributionFormat
 from coordinator.client import (AgentClient, AgentDisconnected, AgentRemoteError, AgentTimeout, PendingReply,
                                 Vocabulary, VocabularyCache)
+from coordinator.cmd_generate import format_summary
 from coordinator.config import TimeoutConfig
 from coordinator.generate import TokenizerMismatchError, check_fingerprints, select_top_k
 from coordinator.result import GenerationResult, StepTimings, StopMatcher
@@ -85,6 +86,17 @@ def test_stop_matcher_earliest_of_several_stops():
     matcher, _, stopped = feed_all(["bb", "a"], ["xxbba"])
     assert stopped
     assert matcher.text == "xx"
+    assert matcher.matched == "bb"
+
+
+def test_stop_matcher_records_matched_stop():
+    matcher, _, stopped = feed_all(["END", "\n\n"], ["one\n", "\ntwo END"])
+    assert stopped
+    assert matcher.matched == "\n\n"
+
+    matcher, _, stopped = feed_all(["END"], ["no stop here"])
+    assert not stopped
+    assert matcher.matched is None
 
 
 # --- vocabulary and detokenization ---------------------------------------------------------
@@ -278,8 +290,31 @@ def test_energy_total_unknown_unless_every_expert_known():
     known = account([0.5, 0.5]).report()
     unknown = account([None]).report()
     timings = StepTimings()
-    common = dict(request_id="r1", text="", tokens=[3], stop_reason="eos", events=[], started=0.0,
+    common = dict(request_id="r1", text="", tokens=[3], stop_reason="eos", max_tokens=8, events=[], started=0.0,
                   token_times=[0.1], finished=0.2, timings=timings, gate_s=0.0, gate_uniform=True, seed=1,
                   top_k=2, distribution={"kind": "sparse", "m": 1})
     assert GenerationResult.build(experts=[known, known], **common).energy_j == pytest.approx(2.0)
     assert GenerationResult.build(experts=[known, unknown], **common).energy_j is None
+
+
+# --- human summary ---------------------------------------------------------------------------
+
+def summary_of(tokens: list[int], stop_reason: str, stop_text: str | None = None, experts=None, events=()) -> str:
+    result = GenerationResult.build(
+        request_id="r1", text="", tokens=tokens, stop_reason=stop_reason, stop_text=stop_text, max_tokens=8,
+        experts=experts if experts is not None else [account([0.5]).report()], events=list(events),
+        started=0.0, token_times=[0.1 * (i + 1) for i in range(len(tokens))], finished=1.0, timings=StepTimings(),
+        gate_s=0.0, gate_uniform=True, seed=1, top_k=1, distribution={"kind": "sparse", "m": 1})
+    return format_summary(result)
+
+
+def test_summary_names_stop_text():
+    assert "tokens: 2, stopped at stop text '\\n\\n';" in summary_of([5, 6], "stop", "\n\n")
+
+
+def test_summary_names_end_of_sequence_token():
+    assert "tokens: 3, stopped at an end-of-sequence token (id 2);" in summary_of([5, 6, 2], "eos")
+
+
+def test_summary_names_token_limit():
+    assert "tokens: 8, stopped at the token limit (8);" in summary_of(list(range(8)), "max_tokens")
