@@ -108,6 +108,13 @@ class AgentInfo:
         return cls(model=str(reply.get("model", "")), n_vocab=n_vocab, n_tokens=n_tokens,
                    tokenizer_fingerprint=field("tokenizer_fingerprint", str), eos_ids=eos_ids, raw=dict(reply))
 
+    @property
+    def meter(self) -> str | None:
+        """Name of the agent's energy meter ("none" when it has none), or None if unreported."""
+        meter = self.raw.get("energy_meter")
+        name = meter.get("name") if isinstance(meter, dict) else meter
+        return name if isinstance(name, str) and name else None
+
 
 @dataclass
 class PendingReply:

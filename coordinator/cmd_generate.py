@@ -19,7 +19,7 @@ from coordinator.config import EMBEDDER_ONNX, EMBEDDER_TOKENIZER, Config, Config
 from coordinator.embedding import EmbedderError
 from coordinator.gating import Gate, GateError
 from coordinator.generate import Coordinator, GenerationError
-from coordinator.result import GenerationResult
+from coordinator.result import ExpertReport, GenerationResult
 
 HELP = "generate an answer with the selected experts, streaming it"
 
@@ -118,6 +118,23 @@ def describe_stop(result: GenerationResult) -> str:
     return f"stopped by {result.stop_reason}"
 
 
+def describe_unknown_energy(experts: list[ExpertReport]) -> str:
+    """Return why the energy of a request is unknown, naming the experts and their meters."""
+    unknown = [expert for expert in experts if expert.energy_j is None]
+    no_meter = [expert.name for expert in unknown if expert.meter in (None, "none")]
+    no_reply = [expert.name for expert in unknown if expert.name not in no_meter and expert.replies == 0]
+    no_reading = [f"{expert.meter} on {expert.name}" for expert in unknown
+                  if expert.name not in no_meter and expert.replies > 0]
+    reasons = []
+    if no_meter:
+        reasons.append(f"no meter on {', '.join(no_meter)}")
+    if no_reply:
+        reasons.append(f"no reply from {', '.join(no_reply)}")
+    if no_reading:
+        reasons.append(f"no reading in some replies from {', '.join(no_reading)}")
+    return "; ".join(reasons)
+
+
 def format_summary(result: GenerationResult) -> str:
     """Return a few human-readable lines: experts, weights, timing, energy."""
     lines = ["---"]
@@ -139,5 +156,8 @@ def format_summary(result: GenerationResult) -> str:
     if result.overhead_mean_ms is not None:
         lines.append(f"coordinator overhead per step: {result.overhead_mean_ms:.2f} ms mean "
                      f"(step latency minus the slowest expert's compute time)")
-    lines.append(f"energy: {_joules(result.energy_j)} in total")
+    if result.energy_j is None:
+        lines.append(f"energy: unknown ({describe_unknown_energy(result.experts)})")
+    else:
+        lines.append(f"energy: {_joules(result.energy_j)} in total")
     return "\n".join(lines)

@@ -300,7 +300,8 @@ class _Request:
             # chosen ones sum to zero, so the fusion never divides by zero.
             weight = candidate_gates[index] / total if total > 0 else 1.0 / len(chosen)
             expert = experts[candidates[index]]
-            self.participants.append(Participant(expert.name, expert.client, candidate_gates[index], weight))
+            self.participants.append(Participant(expert.name, expert.client, candidate_gates[index], weight,
+                                                 meter=expert.info.meter))
         log.info("request %s: selected %s", self.request_id,
                  ", ".join(f"{p.name} (gate {p.gate:.4f}, weight {p.weight:.4f})" for p in self.participants))
         return experts[self.participants[0].name]

@@ -42,7 +42,7 @@ class ExpertReport:
     compute_s: float                  # sum of the compute seconds the agent reported
     replies: int                      # distribution replies received, late ones included
     energy_j: float | None            # None unless the agent reported energy in every reply
-    meter: str | None
+    meter: str | None                 # name of the agent's energy meter; "none" when it has none
 
 
 @dataclass

@@ -73,7 +73,7 @@ class Participant:
     energy_j: float = 0.0
     energy_known: bool = True
     replies: int = 0
-    meter: str | None = None
+    meter: str | None = None          # from the agent's info, then from each reply
 
     def report(self) -> ExpertReport:
         return ExpertReport(
@@ -213,7 +213,9 @@ class StepExchange:
 
         participant.replies += 1
         participant.compute_s += float(compute_s)
-        participant.meter = str(reply.get("meter") or participant.meter or "")
+        meter = reply.get("meter")
+        if isinstance(meter, str) and meter:
+            participant.meter = meter
         energy = reply.get("energy_j")
         if isinstance(energy, (int, float)) and not isinstance(energy, bool) and math.isfinite(energy):
             participant.energy_j += float(energy)

@@ -40,6 +40,7 @@ def test_cli_generate_json_reports_result(start_agent, tiny_model_path, tmp_path
     assert [e["name"] for e in result["experts"]] == ["a", "b"]
     assert [e["served_steps"] for e in result["experts"]] == [6, 6]
     assert result["energy_j"] is None
+    assert [e["meter"] for e in result["experts"]] == ["none", "none"]
     assert result["distribution"] == {"kind": "sparse", "m": 256}
     for key in ("time_to_first_token_s", "token_latency_mean_s", "token_latency_p95_s", "tokens_per_s", "gate_s"):
         assert isinstance(result[key], float), key
@@ -57,6 +58,7 @@ def test_cli_generate_streams_text_then_summary(start_agent, tiny_model_path, tm
     assert captured.out.endswith("\n")
     assert "a: gate 1.0000, weight 1.0000, served 5/5 steps" in captured.err
     assert "tokens: 5, stopped at the token limit (5);" in captured.err
+    assert "energy: unknown (no meter on a)" in captured.err
     assert "gate: uniform (no trained gate configured)" in captured.err
 
 

@@ -256,21 +256,21 @@ def test_client_full_send_queue_fails_request():
 
 # --- energy accounting ---------------------------------------------------------------------
 
-def distribution_reply(step: int, energy_j: float | None) -> dict:
+def distribution_reply(step: int, energy_j: float | None, meter: str = "tegrastats") -> dict:
     """A `step` reply as agent.protocol defines it, with a one-token sparse distribution."""
     ids = np.array([3], dtype=np.int32)
     logprobs = np.array([-0.1], dtype=np.float32)
     return {"v": 1, "op": "step", "id": step, "ok": True, "step": step, "n_past": 5 + step,
             "dist": protocol.encode_sparse(ids, logprobs, 0.05), "compute_s": 0.01,
-            "energy_j": energy_j, "meter": "tegrastats", "energy": None}
+            "energy_j": energy_j, "meter": meter, "energy": None}
 
 
-def account(energies: list[float | None]) -> Participant:
-    participant = Participant("e", client=None, gate=0.5, weight=1.0)
+def account(energies: list[float | None], name: str = "e", meter: str = "tegrastats") -> Participant:
+    participant = Participant(name, client=None, gate=0.5, weight=1.0, meter=meter)
     exchange = StepExchange("r1", [participant], DistributionFormat("sparse", 1), TimeoutConfig(), 10, [])
     for step, energy in enumerate(energies, start=1):
-        owed = OwedReply(step, PendingReply("e", "step", step, 0.0, None), 1.0)
-        exchange._read_distribution(participant, owed, distribution_reply(step, energy))
+        owed = OwedReply(step, PendingReply(name, "step", step, 0.0, None), 1.0)
+        exchange._read_distribution(participant, owed, distribution_reply(step, energy, meter))
     return participant
 
 
@@ -318,3 +318,22 @@ def test_summary_names_end_of_sequence_token():
 
 def test_summary_names_token_limit():
     assert "tokens: 8, stopped at the token limit (8);" in summary_of(list(range(8)), "max_tokens")
+
+
+def test_summary_names_experts_without_meter():
+    experts = [account([None, None], "science", "none").report(), account([0.5], "math").report(),
+               account([None], "humanities", "none").report()]
+    summary = summary_of([5, 6], "max_tokens", experts=experts)
+    assert "energy: unknown (no meter on science, humanities)" in summary
+
+
+def test_summary_names_meter_without_reading():
+    experts = [account([0.5, None], "math", "tegrastats").report(), account([], "law", "nvml").report()]
+    summary = summary_of([5, 6], "max_tokens", experts=experts)
+    assert "no reply from law" in summary
+    assert "no reading in some replies from tegrastats on math" in summary
+
+
+def test_summary_total_energy_when_known():
+    summary = summary_of([5, 6], "max_tokens", experts=[account([0.5, 0.25], "math").report()])
+    assert "energy: 0.75 J in total" in summary
