@@ -77,6 +77,13 @@ class AgentProtocolError(AgentError):
     kind = "protocol"
 
 
+def describe_handshake_error(error: AgentError) -> str:
+    """Return the error's detail, with what to check next when the agent did not reply."""
+    if isinstance(error, AgentTimeout):
+        return f"{error.detail}. Is moe2-agent running there? The setting timeouts.handshake_s sets the wait"
+    return error.detail
+
+
 @dataclass(frozen=True)
 class AgentInfo:
     """The fields of an `info` reply that the coordinator uses; `raw` keeps the rest."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import zmq.asyncio
 
-from coordinator.client import AgentClient, AgentError, AgentInfo
+from coordinator.client import AgentClient, AgentError, AgentInfo, describe_handshake_error
 from coordinator.cmd_generate import add_config_argument, config_path
 from coordinator.config import Config, ConfigError, load_config
 
@@ -77,7 +77,7 @@ async def _query(client: AgentClient, config: Config) -> ExpertStatus:
         status.info = await client.info(config.timeouts.handshake_s)
         status.ping_ms = await client.ping(config.timeouts.handshake_s) * 1000
     except AgentError as exc:
-        status.error = exc.detail
+        status.error = describe_handshake_error(exc)
     return status
 
 

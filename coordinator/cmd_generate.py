@@ -149,6 +149,9 @@ def format_summary(result: GenerationResult) -> str:
         if expert.dropped_at_step is not None:
             line += f", dropped at step {expert.dropped_at_step} ({expert.drop_reason})"
         lines.append(line)
+    for event in result.events:
+        if event.kind == "unavailable":
+            lines.append(f"  {event.expert}: left out, handshake failed: {event.detail}")
     lines.append(f"tokens: {steps}, {describe_stop(result)}; first token {_seconds(result.time_to_first_token_s)}; "
                  f"per token {_seconds(result.token_latency_mean_s, 1000, 'ms')} mean, "
                  f"{_seconds(result.token_latency_p95_s, 1000, 'ms')} p95; "

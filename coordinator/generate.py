@@ -28,7 +28,8 @@ import zmq.asyncio
 
 from agent.protocol import Distribution
 from coordinator import fusion
-from coordinator.client import AgentClient, AgentError, AgentInfo, Vocabulary, VocabularyCache
+from coordinator.client import (AgentClient, AgentError, AgentInfo, Vocabulary, VocabularyCache,
+                                describe_handshake_error)
 from coordinator.config import Config
 from coordinator.gating import Gate
 from coordinator.result import ExpertEvent, GenerationResult, StepTimings, StopMatcher
@@ -125,8 +126,8 @@ class Coordinator:
             expert.vocabulary = await self.vocabulary_cache.get(expert.client, expert.info, timeout_s)
         except AgentError as exc:
             expert.info = None
-            expert.error = exc.detail
-            log.warning("expert %s: handshake failed, leaving it out: %s", expert.name, exc.detail)
+            expert.error = describe_handshake_error(exc)
+            log.warning("expert %s: handshake failed, leaving it out: %s", expert.name, expert.error)
             return
         log.info("expert %s: ready at %s (model %s, %d tokens, tokenizer %s)", expert.name,
                  expert.client.endpoint, expert.info.model, expert.info.n_tokens, expert.info.tokenizer_fingerprint)

@@ -11,11 +11,11 @@ from coordinator.cli import main
 from gguf_factory import OTHER_WORDS
 
 
-def write_config(path: Path, endpoints: dict[str, str], extra: str = "") -> Path:
+def write_config(path: Path, endpoints: dict[str, str], extra: str = "", handshake_s: float = 2.0) -> Path:
     lines = []
     for name, endpoint in endpoints.items():
         lines += ["[[experts]]", f'name = "{name}"', f'endpoint = "{endpoint}"']
-    lines += ["[timeouts]", "handshake_s = 2.0", "step_deadline_s = 5.0", "step_s = 20.0"]
+    lines += ["[timeouts]", f"handshake_s = {handshake_s}", "step_deadline_s = 5.0", "step_s = 20.0"]
     path.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
     return path
 
@@ -62,6 +62,22 @@ def test_cli_generate_streams_text_then_summary(start_agent, tiny_model_path, tm
     assert "gate: uniform (no trained gate configured)" in captured.err
 
 
+@pytest.mark.timeout(60)
+def test_cli_generate_summary_lists_unavailable_expert(start_agent, tiny_model_path, tmp_path, capsys):
+    agent = start_agent(tiny_model_path)
+    # Port 9 (discard) has no listener on loopback, so the handshake times out.
+    config = write_config(tmp_path / "moe2.toml", {"a": agent.address, "gone": "tcp://127.0.0.1:9"},
+                          handshake_s=0.5)
+
+    status = main(["generate", "hello world", "--config", str(config), "--max-tokens", "3", "--top-k", "2"])
+
+    assert status == 0
+    summary = capsys.readouterr().err
+    assert "  gone: left out, handshake failed: info timed out after 0.5 s (agent at tcp://127.0.0.1:9)" in summary
+    assert "Is moe2-agent running there?" in summary
+    assert "a: gate 0.5000, weight 1.0000, served 3/3 steps" in summary
+
+
 @pytest.mark.timeout(30)
 def test_cli_generate_bad_config_exits_2(tmp_path, capsys):
     config = write_config(tmp_path / "moe2.toml", {"a": "tcp://127.0.0.1:5555"}, "[selection]\ntop_k = 3\n")
@@ -101,6 +117,7 @@ def test_cli_experts_table_marks_unreachable(start_agent, tiny_model_path, tmp_p
     assert "tiny-llama" in table[1]
     assert table[2].split()[:3] == ["gone", "yes", "error"]
     assert "gone: info timed out after 2 s" in table[3]
+    assert "Is moe2-agent running there?" in table[3]
 
 
 @pytest.mark.timeout(60)

@@ -292,6 +292,9 @@ def test_generate_unreachable_expert_left_out(start_agent, tiny_model_path, gree
     assert result.tokens == greedy_reference["tokens"]
     assert [e.name for e in result.experts] == ["a"]
     assert [(e.expert, e.kind) for e in result.events] == [("gone", "unavailable")]
+    detail = result.events[0].detail
+    assert detail.startswith("info timed out after 0.5 s (agent at tcp://127.0.0.1:9)")
+    assert "Is moe2-agent running there? The setting timeouts.handshake_s sets the wait" in detail
 
 
 @pytest.mark.timeout(60)
