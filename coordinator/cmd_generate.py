@@ -55,7 +55,8 @@ def config_path(args: argparse.Namespace) -> Path:
 def load_gate(config: Config) -> Gate | None:
     """Return the gate for the experts of S, or None (uniform values) without [gating].
 
-    Gate outputs are matched to the configured experts by name.
+    Gate outputs are matched to the configured experts by name. After the handshake the
+    coordinator warns about an expert whose fingerprint differs from the gate's for that name.
     """
     if not config.gating.enabled:
         return None

@@ -129,6 +129,8 @@ class Gate:
     def for_experts(self, names: list[str], fingerprints: list[str | None] | None = None) -> Gate:
         """Return a gate whose values follow `names`, matched by fingerprint where given, else by name.
 
+        The returned gate's `fingerprints` are those in gate.json for the matched outputs.
+
         A configured expert that the gate was not trained on raises GateError. Experts of
         the gate that the configuration lacks are left out, and the values are renormalized
         over the rest.
@@ -156,7 +158,10 @@ class Gate:
             columns.append(column)
         if len(set(columns)) != len(columns):
             raise GateError(f"two configured experts map to the same gate output: {list(zip(names, columns))}")
-        gate = Gate(list(names), fingerprints, self.embedder, self.session, np.array(columns))
+        # Each name gets the fingerprint the gate was trained on for its column, so a
+        # caller can compare it with the fingerprint of the expert now serving that name.
+        trained_fingerprints = [self.fingerprints[column] for column in columns]
+        gate = Gate(list(names), trained_fingerprints, self.embedder, self.session, np.array(columns))
         gate.trained_names = self.trained_names
         return gate
 

@@ -32,6 +32,7 @@ from coordinator.client import (AgentClient, AgentError, AgentInfo, Vocabulary, 
                                 describe_handshake_error)
 from coordinator.config import Config
 from coordinator.gating import Gate
+from coordinator.identity import IdentityError, expert_fingerprint
 from coordinator.result import ExpertEvent, GenerationResult, StepTimings, StopMatcher
 from coordinator.steps import NoExpertLeftError, Participant, StepExchange, StepReplies
 
@@ -99,7 +100,9 @@ class Coordinator:
         """Connect to every expert of S and run the `info` and `vocab` handshake.
 
         An expert whose handshake fails stays unavailable (logged, and reported in each
-        result); the others are checked for equal tokenizer fingerprints.
+        result). The others are checked for equal tokenizer fingerprints, and a warning
+        is logged for an agent that reports another name or whose expert fingerprint
+        differs from the one the trained gate has for its name.
         """
         self._context = zmq.asyncio.Context()
         for name in self.config.subset:
@@ -118,6 +121,33 @@ class Coordinator:
             events = [ExpertEvent(None, e.name, "unavailable", e.error or "") for e in self._experts.values()]
             raise GenerationError("no expert of the subset completed its handshake", events)
         check_fingerprints([(expert.name, expert.info.tokenizer_fingerprint) for expert in ready])
+        for expert in ready:
+            self._check_identity(expert)
+
+    def _check_identity(self, expert: _Expert) -> None:
+        """Warn when the agent's own name, or its fingerprint in the gate, differs."""
+        reported = expert.info.raw.get("name")
+        if isinstance(reported, str) and reported and reported != expert.name:
+            log.warning("expert %s: the agent at %s reports the name %r. Check that the endpoint serves this "
+                        "expert, or start the agent with --name %s so that both names match",
+                        expert.name, expert.client.endpoint, reported, expert.name)
+
+        gate = self.gate
+        if gate is None or gate.uniform or expert.name not in gate.names:
+            return
+        trained = gate.fingerprints[gate.names.index(expert.name)]
+        if trained is None:
+            return
+        try:
+            served = expert_fingerprint(expert.info.raw)
+        except IdentityError as exc:
+            log.warning("expert %s: cannot compare it with the gate's fingerprint %s: %s", expert.name, trained, exc)
+            return
+        if served != trained:
+            log.warning("expert %s: its fingerprint is %s, but the gate was trained on fingerprint %s under this "
+                        "name, so a different model file, LoRA adapter or domain prompt was scored. The gate's "
+                        "values for this expert may not fit it. Score it with `moe2 score` and train the gate "
+                        "again with `moe2 train-gate`", expert.name, served, trained)
 
     async def _handshake(self, expert: _Expert) -> None:
         timeout_s = self.config.timeouts.handshake_s

@@ -26,7 +26,6 @@ left out of the score table for all experts, with a warning that counts them.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import threading
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.datasets import LETTERS, DatasetError, Example, PromptFormat, dataset_hash, load_dataset
+from coordinator.identity import IdentityError, expert_fingerprint
 from coordinator.scoretable import ScoreTable, save_score_table
 
 log = logging.getLogger("moe2.scoring")
@@ -51,19 +51,6 @@ PERMANENT_ERRORS = ("context_overflow", "bad_request", "token_out_of_range")
 
 class ScoringError(RuntimeError):
     """Scoring cannot start or finish; the message names the expert or file."""
-
-
-# --- expert identity -----------------------------------------------------------------------------
-
-def expert_fingerprint(info: dict) -> str:
-    """Return a sha256 over what decides an expert's outputs: model file, LoRA, domain prompt."""
-    lora = info.get("lora") or {}
-    domain = info.get("domain_prompt") or {}
-    identity = {"model_sha256": info.get("model_sha256"), "lora_sha256": lora.get("sha256"),
-                "lora_scale": lora.get("scale"), "domain_prompt_sha256": domain.get("sha256")}
-    if not identity["model_sha256"]:
-        raise ScoringError(f"agent info has no model_sha256; cannot identify expert {info.get('name')!r}")
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -347,7 +334,10 @@ def identify(experts: list[Expert], tokenizer: LocalTokenizer, timeout_s: float)
                 info = client.info()
         except AgentTimeout as exc:
             raise ScoringError(f"expert {expert.name}: {exc}") from None
-        expert.fingerprint = expert_fingerprint(info)
+        try:
+            expert.fingerprint = expert_fingerprint(info)
+        except IdentityError as exc:
+            raise ScoringError(f"expert {expert.name} at {expert.endpoint}: {exc}") from None
         expert.tokenizer_fingerprint = str(info.get("tokenizer_fingerprint"))
         if expert.tokenizer_fingerprint != tokenizer.fingerprint:
             raise ScoringError(f"expert {expert.name} has tokenizer fingerprint {expert.tokenizer_fingerprint}, "

@@ -242,6 +242,26 @@ def test_generate_tokenizer_mismatch_rejected(start_agent, tiny_model_path, tiny
 
 
 @pytest.mark.timeout(60)
+def test_connect_warns_once_on_name_mismatch(start_agent, tiny_model_path, caplog):
+    agent = start_agent(tiny_model_path, name="science")
+    config = make_config({"humanities": agent.address}, max_tokens=2)
+
+    async def two_requests() -> None:
+        async with Coordinator(config) as coordinator:
+            await coordinator.generate(PROMPT)
+            await coordinator.generate(PROMPT)
+
+    with caplog.at_level(logging.WARNING, logger="moe2"):
+        asyncio.run(two_requests())
+
+    warnings = [r.getMessage() for r in caplog.records if "reports the name" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("expert humanities: ")
+    assert "reports the name 'science'" in warnings[0]
+    assert "--name humanities" in warnings[0]
+
+
+@pytest.mark.timeout(60)
 def test_generate_padded_vocab_fused(start_agent, tiny_gguf):
     plain = start_agent(tiny_gguf())
     padded = start_agent(tiny_gguf(n_pad=40))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sys
 
 import numpy as np
 import pytest
 
+from coordinator.config import parse_config
 from coordinator.embedder_export import export_embedder
 from coordinator.embedding import Embedder
 from coordinator.gating import Gate, GateError
+from coordinator.generate import Coordinator
+from coordinator.identity import expert_fingerprint
 from pipeline_fixtures import DOMAIN_WORDS, write_mmlu, write_tiny_bert
 
 EXPERTS = [("algebra", "fp-a"), ("anatomy", "fp-b"), ("law", "fp-c")]
@@ -69,6 +74,12 @@ def test_gate_maps_outputs_by_fingerprint(linear_gate):
     # Configured in another order and with other names: fingerprints decide the column.
     reordered = gate.for_experts(["x", "y", "z"], ["fp-c", "fp-a", "fp-b"])
     np.testing.assert_allclose(reordered(prompt).values, full[[2, 0, 1]], atol=1e-12)
+    assert reordered.fingerprints == ["fp-c", "fp-a", "fp-b"]
+
+
+def test_gate_matched_by_name_keeps_trained_fingerprints(linear_gate):
+    gate, _ = linear_gate
+    assert gate.for_experts(["law", "algebra"]).fingerprints == ["fp-c", "fp-a"]
 
 
 def test_gate_subset_is_renormalized(linear_gate):
@@ -118,6 +129,40 @@ def test_uniform_gate_reports_uniform():
     assert gate.uniform
     np.testing.assert_allclose(output.values, 0.25)
     assert gate.for_experts(["a", "b"])("x").uniform
+
+
+@pytest.mark.timeout(60)
+def test_coordinator_warns_on_gate_fingerprint_mismatch(embedder_dir, tmp_path, start_agent, tiny_model_path,
+                                                        agent_client, caplog):
+    (tmp_path / "domain.txt").write_text("the quick brown fox\n")
+    same = start_agent(tiny_model_path, name="same")
+    changed = start_agent(tiny_model_path, name="changed", domain_prompt=tmp_path / "domain.txt")
+    same_fingerprint = expert_fingerprint(agent_client(same.address).info())
+    changed_info = agent_client(changed.address).info()
+    # The gate was trained while "changed" ran without its domain prompt.
+    trained_fingerprint = expert_fingerprint(dict(changed_info, domain_prompt=None))
+    served_fingerprint = expert_fingerprint(changed_info)
+    assert served_fingerprint != trained_fingerprint
+
+    experts = [("same", same_fingerprint), ("changed", trained_fingerprint)]
+    write_linear_gate(tmp_path / "gate.onnx", np.zeros((32, 2)), experts)
+    gate = Gate.load(tmp_path / "gate.onnx", Embedder(embedder_dir)).for_experts(["same", "changed"])
+    config = parse_config({"experts": [{"name": "same", "endpoint": same.address},
+                                       {"name": "changed", "endpoint": changed.address}],
+                           "timeouts": {"handshake_s": 10.0}})
+
+    async def connect() -> None:
+        async with Coordinator(config, gate):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="moe2"):
+        asyncio.run(connect())
+
+    warnings = [r.getMessage() for r in caplog.records if "the gate was trained on fingerprint" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("expert changed: ")
+    assert served_fingerprint in warnings[0]
+    assert trained_fingerprint in warnings[0]
 
 
 @pytest.mark.timeout(300)
