@@ -159,7 +159,11 @@ def format_summary(result: GenerationResult) -> str:
                  f"{'n/a' if result.tokens_per_s is None else f'{result.tokens_per_s:.3g}'} tokens/s")
     if result.overhead_mean_ms is not None:
         lines.append(f"coordinator overhead per step: {result.overhead_mean_ms:.2f} ms mean "
-                     f"(step latency minus the slowest expert's compute time)")
+                     f"(step latency minus the slowest served expert's compute time and the wait for late experts)")
+    if result.late_wait_steps:
+        plural = "" if result.late_wait_steps == 1 else "s"
+        lines.append(f"waited for late experts: {result.late_wait_s:.3g} s in total, at {result.late_wait_steps} "
+                     f"step{plural} that reached the deadline")
     if result.energy_j is None:
         lines.append(f"energy: unknown ({describe_unknown_energy(result.experts)})")
     else:

@@ -276,6 +276,7 @@ class _Request:
                 now = time.monotonic()
                 if step > 0:
                     timings.add(replies, sent_at, now)
+                timings.add_wait(replies)
                 tokens.append(token)
                 token_times.append(now)
                 if self.on_token is not None:

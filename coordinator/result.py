@@ -50,23 +50,33 @@ class StepTimings:
     """Timing samples in seconds of the steps after the first token.
 
     overhead: step latency (token sent to next token sampled) minus the compute time
-        of the slowest expert that served the step.
-    local: from the arrival of the last reply that was fused to the sampled token:
-        the coordinator's own work (decoding, fusion, sampling).
+        of the slowest expert that served the step, and minus `waits` of the step.
+    local: from the arrival of the last reply that was fused to the sampled token,
+        without `waits`: the coordinator's own work (decoding, fusion, sampling).
     transport: per reply, round trip minus the agent's compute time: encoding,
         ZeroMQ, and waiting in the agent's and the coordinator's queues.
+    waits: per step that waited until its deadline for a late expert, every step
+        including the first token: the time from the last reply that arrived to the
+        deadline.
     """
 
     overhead: list[float] = field(default_factory=list)
     local: list[float] = field(default_factory=list)
     transport: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
 
     def add(self, replies, sent_at: float, sampled_at: float) -> None:
-        """Record one step from its gathered replies (see generate._Step)."""
+        """Record one step after the first token from its gathered replies (see steps.StepReplies)."""
         served = list(replies.distributions)
-        self.overhead.append(sampled_at - sent_at - max(replies.compute_s[name] for name in served))
-        self.local.append(sampled_at - max(replies.arrived_at[name] for name in served))
+        self.overhead.append(sampled_at - sent_at - max(replies.compute_s[name] for name in served)
+                             - replies.waited_s)
+        self.local.append(sampled_at - max(replies.arrived_at[name] for name in served) - replies.waited_s)
         self.transport.extend(replies.transport_s[name] for name in served)
+
+    def add_wait(self, replies) -> None:
+        """Record the deadline wait of any step, the first token's included."""
+        if replies.deadline_expired:
+            self.waits.append(replies.waited_s)
 
 
 def _mean_ms(values: Sequence[float]) -> float | None:
@@ -92,10 +102,12 @@ class GenerationResult:
     token_latency_p95_s: float | None
     tokens_per_s: float | None            # tokens / total_s
     total_s: float                        # from the request's start (gate included) to its end
-    overhead_mean_ms: float | None        # per step: latency minus the slowest served expert's compute
+    overhead_mean_ms: float | None        # per step: latency minus the slowest served expert's compute and the wait
     overhead_p95_ms: float | None
     local_mean_ms: float | None           # per step: last fused reply's arrival to the sampled token
     transport_mean_ms: float | None       # per reply: round trip minus the agent's compute
+    late_wait_steps: int                  # steps that waited until their deadline for a late expert
+    late_wait_s: float                    # total time those steps waited after their last reply
     energy_j: float | None                # sum over experts; None if any expert's energy is unknown
     gate_s: float
     gate_uniform: bool
@@ -131,6 +143,8 @@ class GenerationResult:
             overhead_p95_ms=_p95_ms(timings.overhead),
             local_mean_ms=_mean_ms(timings.local),
             transport_mean_ms=_mean_ms(timings.transport),
+            late_wait_steps=len(timings.waits),
+            late_wait_s=float(sum(timings.waits)),
             energy_j=None if any(e is None for e in energies) else float(sum(energies)),
             gate_s=gate_s, gate_uniform=gate_uniform, seed=seed, top_k=top_k, distribution=distribution)
 

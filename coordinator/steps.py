@@ -7,9 +7,13 @@ missing then are left out of that step. If none replied by then, the step takes 
 first reply that arrives.
 
 A late expert still receives every token. Agents handle requests in order, so its
-owed replies arrive later. They are matched by request id and step number, counted
-(compute time, energy) and discarded, and the expert serves again from the first step
-whose reply arrives in time.
+owed replies arrive later, and while it owes a reply to an earlier step it cannot
+reply to the current one in time. Such an expert is not waited for: the step is fused
+as soon as the other experts have replied. Its owed replies are matched by request id
+and step number, counted (compute time, energy) and discarded. Once it has caught up,
+the deadline applies to it again, and it serves from the first step whose reply
+arrives in time. So an expert that stalls for good costs one deadline wait, not one at
+every step, until `timeouts.step_s` drops it.
 
 An expert that replies with an error, loses its connection, sends an invalid reply, or
 owes a reply for longer than `timeouts.open_s` or `timeouts.step_s` is dropped for the
@@ -86,12 +90,19 @@ class Participant:
 @dataclass
 class StepReplies:
     """Replies gathered for one step, by expert: distribution, reported compute time,
-    arrival time and transport time (round trip minus compute), in seconds."""
+    arrival time and transport time (round trip minus compute), in seconds.
+
+    `deadline_expired` is set when the step waited until its deadline for an expert
+    that did not reply, and `waited_s` is the time from the last reply that arrived to
+    the deadline.
+    """
 
     distributions: dict[str, Distribution] = field(default_factory=dict)
     compute_s: dict[str, float] = field(default_factory=dict)
     arrived_at: dict[str, float] = field(default_factory=dict)
     transport_s: dict[str, float] = field(default_factory=dict)
+    deadline_expired: bool = False
+    waited_s: float = 0.0
 
 
 class StepExchange:
@@ -122,7 +133,11 @@ class StepExchange:
         participant.owed.append(OwedReply(step, pending, timeout_s))
 
     async def collect(self, step: int, sent_at: float, deadline_s: float) -> StepReplies:
-        """Wait for the step's replies until the deadline, consuming owed older replies."""
+        """Wait for the step's replies until the deadline, consuming owed older replies.
+
+        An expert that still owes a reply to an earlier step is not waited for, because
+        it serves requests in order and so cannot reply to this step before that one.
+        """
         deadline_at = sent_at + deadline_s
         replies = StepReplies()
         while True:
@@ -139,26 +154,44 @@ class StepExchange:
             if not self.alive():
                 raise NoExpertLeftError(f"request {self.request_id}: every selected expert was dropped")
 
-            waiting = [p for p in self.alive() if p.name not in replies.distributions]
-            if not waiting or (replies.distributions and now >= deadline_at):
+            missing = [p for p in self.alive() if p.name not in replies.distributions]
+            waiting = [p for p in missing if not self._behind(p, step)]
+            if replies.distributions and not waiting:
+                break
+            if replies.distributions and now >= deadline_at:
+                replies.waited_s = now - max(replies.arrived_at.values())
+                replies.deadline_expired = True
                 break
             # Wake at the deadline or the earliest timeout. Before any reply has come
-            # in, the deadline is ignored: the step takes the first reply to arrive.
-            wake_at = min(p.owed[0].pending.sent_at + p.owed[0].timeout_s for p in waiting)
+            # in, the deadline is ignored: the step takes the first reply to arrive,
+            # from whichever expert sends it.
+            wake_at = min(p.owed[0].pending.sent_at + p.owed[0].timeout_s for p in missing)
             if replies.distributions:
                 wake_at = min(wake_at, deadline_at)
-            futures = [owed.pending.future for p in waiting for owed in p.owed]
+            futures = [owed.pending.future for p in missing for owed in p.owed]
             await asyncio.wait(futures, timeout=max(0.0, wake_at - now), return_when=asyncio.FIRST_COMPLETED)
 
         for participant in self.alive():
             if participant.name not in replies.distributions:
-                participant.late += 1
-                detail = f"no reply within the deadline of {deadline_s:g} s; left out of this step"
-                if participant.late == LATE_WARNINGS:
-                    detail += "; its further late steps in this request are logged at DEBUG"
-                level = logging.WARNING if participant.late <= LATE_WARNINGS else logging.DEBUG
-                self.event(step, participant.name, "late", detail, level)
+                self._record_late(participant, step, deadline_s)
         return replies
+
+    @staticmethod
+    def _behind(participant: Participant, step: int) -> bool:
+        """Return whether the participant still owes a reply to a step before `step`."""
+        return bool(participant.owed) and participant.owed[0].step < step
+
+    def _record_late(self, participant: Participant, step: int, deadline_s: float) -> None:
+        participant.late += 1
+        if self._behind(participant, step):
+            detail = (f"still owes its reply to {participant.owed[0].describe()}, so it cannot reply to this step "
+                      "in time; left out of this step without waiting")
+        else:
+            detail = f"no reply within the deadline of {deadline_s:g} s; left out of this step"
+        if participant.late == LATE_WARNINGS:
+            detail += "; its further late steps in this request are logged at DEBUG"
+        level = logging.WARNING if participant.late <= LATE_WARNINGS else logging.DEBUG
+        self.event(step, participant.name, "late", detail, level)
 
     def _consume_done(self, participant: Participant, step: int, replies: StepReplies) -> None:
         """Take the participant's finished replies in order; keep the one for `step`."""

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 from pathlib import Path
 
 import pytest
 from llama_cpp import Llama
 
+from coordinator.cmd_generate import format_summary
 from coordinator.config import Config, parse_config
 from coordinator.generate import Coordinator, GenerationError, TokenizerMismatchError
 from coordinator.local_agents import AgentSpec, LocalAgents
@@ -187,9 +190,16 @@ def test_generate_stopped_agent_fails_fast_next_request(start_agent, tiny_model_
 def test_generate_stalled_expert_skips_one_step(start_agent, tiny_model_path, greedy_reference):
     first = start_agent(tiny_model_path)
     second = start_agent(tiny_model_path)
-    with DelayProxy(second.address, hold_step=3) as proxy:
+    with DelayProxy(second.address, hold_step=3, release_on_next_step=False, max_hold_s=60) as proxy:
         config = make_config({"a": first.address, "b": proxy.endpoint}, top_k=2, step_deadline_s=1.0)
-        result = generate(config)
+
+        # Release b's reply to step 3 after step 3 was fused without it and before
+        # step 4 is sent, so b has caught up when step 4 begins.
+        def release_after_token_3(index: int, token: int) -> None:
+            if index == 3:
+                proxy.release()
+
+        result = generate(config, on_token=release_after_token_3)
 
     assert proxy.held_replies == [3]
     assert result.tokens == greedy_reference["tokens"]
@@ -201,6 +211,7 @@ def test_generate_stalled_expert_skips_one_step(start_agent, tiny_model_path, gr
     assert served(result) == {"a": N_TOKENS, "b": N_TOKENS - 1}
     # The held reply was consumed when it arrived: b replied to every step.
     assert b.replies == N_TOKENS
+    assert result.late_wait_steps == 1
 
 
 @pytest.mark.timeout(120)
@@ -209,17 +220,61 @@ def test_generate_hung_expert_dropped_after_step_timeout(start_agent, tiny_model
     second = start_agent(tiny_model_path)
     with DelayProxy(second.address, hold_step=3, release_on_next_step=False, max_hold_s=60) as proxy:
         config = make_config({"a": first.address, "b": proxy.endpoint}, top_k=2, step_deadline_s=0.2, step_s=1.0)
-        result = generate(config)
+
+        # Steps without b take milliseconds, so let the step timeout pass before step 7.
+        def pause_after_token_6(index: int, token: int) -> None:
+            if index == 6:
+                time.sleep(1.1)
+
+        result = generate(config, on_token=pause_after_token_6)
 
     assert result.tokens == greedy_reference["tokens"]
     b = report(result, "b")
     assert b.dropped_at_step is not None
-    assert b.dropped_at_step > 3
+    assert 3 < b.dropped_at_step <= 7
     assert b.drop_reason.startswith("timeout: no reply to step 3 within 1 s")
     assert b.served_steps == 3
-    late_steps = [e.step for e in result.events if e.expert == "b" and e.kind == "late"]
-    assert late_steps == list(range(3, b.dropped_at_step))
+    late = [e for e in result.events if e.expert == "b" and e.kind == "late"]
+    assert [e.step for e in late] == list(range(3, b.dropped_at_step))
+    assert late[0].detail.startswith("no reply within the deadline of 0.2 s")
+    for event in late[1:]:
+        assert event.detail.startswith("still owes its reply to step 3"), event
+    assert result.late_wait_steps == 1
     assert served(result)["a"] == N_TOKENS
+
+
+@pytest.mark.timeout(120)
+def test_generate_stopped_process_costs_one_deadline(tiny_model_path, greedy_reference):
+    specs = [AgentSpec(name, tiny_model_path) for name in ("a", "b")]
+    with LocalAgents(specs, start_timeout_s=60) as agents:
+        stopped = agents["b"].process
+        config = make_config({agent.name: agent.endpoint for agent in agents.agents}, top_k=2,
+                             step_deadline_s=2.0, step_s=30.0)
+
+        def stop_b_after_token_3(index: int, token: int) -> None:
+            if index == 3:
+                stopped.send_signal(signal.SIGSTOP)
+
+        try:
+            result = generate(config, on_token=stop_b_after_token_3)
+        finally:
+            if stopped.poll() is None:
+                stopped.send_signal(signal.SIGCONT)
+
+    assert result.tokens == greedy_reference["tokens"]
+    b = report(result, "b")
+    assert b.dropped_at_step is None
+    assert b.served_steps == 4
+    late = [e for e in result.events if e.expert == "b" and e.kind == "late"]
+    assert [e.step for e in late] == list(range(4, N_TOKENS))
+    # Only step 4 waited for b: from step 5 on it owed step 4, so it was not waited for.
+    assert late[0].detail.startswith("no reply within the deadline of 2 s")
+    for event in late[1:]:
+        assert event.detail.startswith("still owes its reply to step 4"), event
+    assert result.late_wait_steps == 1
+    assert result.late_wait_s > 0
+    assert served(result)["a"] == N_TOKENS
+    assert "at 1 step that reached the deadline" in format_summary(result)
 
 
 # --- 5. tokenizer mismatch ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from coordinator.cmd_generate import format_summary
 from coordinator.config import TimeoutConfig
 from coordinator.generate import TokenizerMismatchError, check_fingerprints, select_top_k
 from coordinator.result import GenerationResult, StepTimings, StopMatcher
-from coordinator.steps import OwedReply, Participant, StepExchange
+from coordinator.steps import OwedReply, Participant, StepExchange, StepReplies
 
 
 # --- selection ---------------------------------------------------------------------------
@@ -295,6 +295,25 @@ def test_energy_total_unknown_unless_every_expert_known():
                   top_k=2, distribution={"kind": "sparse", "m": 1})
     assert GenerationResult.build(experts=[known, known], **common).energy_j == pytest.approx(2.0)
     assert GenerationResult.build(experts=[known, unknown], **common).energy_j is None
+
+
+def test_step_timings_keep_deadline_wait_apart():
+    # Expert a replied 0.1 s after the token was sent, with 0.05 s of compute. The step
+    # then waited 1.9 s for a late expert until its deadline, and sampled 2 ms later.
+    replies = StepReplies(distributions={"a": None}, compute_s={"a": 0.05}, arrived_at={"a": 10.1},
+                          transport_s={"a": 0.05}, deadline_expired=True, waited_s=1.9)
+    timings = StepTimings()
+    timings.add(replies, sent_at=10.0, sampled_at=12.002)
+    timings.add_wait(replies)
+    assert timings.overhead == [pytest.approx(0.052)]
+    assert timings.local == [pytest.approx(0.002)]
+    assert timings.waits == [1.9]
+
+
+def test_step_timings_ignore_steps_without_wait():
+    timings = StepTimings()
+    timings.add_wait(StepReplies(distributions={"a": None}))
+    assert timings.waits == []
 
 
 # --- human summary ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ replies after the held one wait behind it. This makes an agent miss the per-step
 deadline for exactly one step without depending on how long anything takes.
 
 With `release_on_next_step=False` the held reply (and every reply after it) waits
-`max_hold_s`, which simulates an agent that hangs.
+`max_hold_s`, which simulates an agent that hangs, or until a test calls `release()`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class DelayProxy:
         self._backend.setsockopt(zmq.LINGER, 0)
         self._backend.connect(agent_endpoint)
         self._stop = threading.Event()
+        self._release = threading.Event()
+        self._released = threading.Event()
         self._thread = threading.Thread(target=self._run, name="delay-proxy", daemon=True)
 
     def __enter__(self) -> DelayProxy:
@@ -52,6 +54,12 @@ class DelayProxy:
         self._frontend.close(linger=0)
         self._backend.close(linger=0)
         self._context.term()
+
+    def release(self, timeout_s: float = 5.0) -> None:
+        """Forward the held reply now, and return once the proxy has sent it on."""
+        self._release.set()
+        if not self._released.wait(timeout_s):
+            raise TimeoutError(f"the proxy did not forward its held reply within {timeout_s:g} s")
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -80,5 +88,9 @@ class DelayProxy:
                 queue.append(frame)
             if holding_since is not None and time.monotonic() - holding_since > self.max_hold_s:
                 holding_since = None
+            if holding_since is not None and self._release.is_set():
+                holding_since = None
             while queue and holding_since is None and client_identity is not None:
                 self._frontend.send_multipart([client_identity, queue.popleft()])
+            if self._release.is_set() and self.held_replies and holding_since is None and not queue:
+                self._released.set()
