@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meter = create_meter(config)
     except MeterUnavailable as exc:
-        log.error("energy meter %r is unavailable: %s; choose another with --energy-meter "
+        log.error("energy meter %r is unavailable: %s. Choose another with --energy-meter "
                   "(auto falls back to none)", config.energy_meter, exc)
         server.close()
         return 1

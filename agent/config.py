@@ -272,9 +272,9 @@ def _validate(config: AgentConfig, sources: dict[str, str], problems: list[str])
     if config.domain_prompt is not None:
         domain_text = _read_domain_prompt(config.domain_prompt, where("domain_prompt"), problems)
 
-    if not is_valid_address(config.bind):
-        problems.append(f"{where('bind')} {config.bind!r} is not a ZeroMQ address like "
-                        "tcp://127.0.0.1:5555, tcp://127.0.0.1:* or ipc:///run/moe2/agent.sock")
+    bind_problem = address_problem(config.bind)
+    if bind_problem is not None:
+        problems.append(f"{where('bind')} {config.bind!r} {bind_problem}")
     if config.n_ctx < 8:
         problems.append(f"{where('n_ctx')} must be at least 8 tokens, got {config.n_ctx}")
     max_sessions = MAX_SEQUENCES - RESERVED_SEQUENCES
@@ -302,22 +302,28 @@ def _validate(config: AgentConfig, sources: dict[str, str], problems: list[str])
             math.isfinite(config.energy_watts_per_core) and config.energy_watts_per_core > 0):
         problems.append(f"{where('energy_watts_per_core')} must be positive watts, got {config.energy_watts_per_core}")
     if config.energy_meter == "estimate" and config.energy_watts_per_core is None:
-        problems.append(f"{where('energy_meter')} 'estimate' needs energy_watts_per_core "
-                        "(watts per busy CPU core, for example 4.5)")
+        problems.append(f"{where('energy_meter')} 'estimate' needs --energy-watts-per-core "
+                        "(energy_watts_per_core in the config file): the watts of one busy CPU core, "
+                        "for example 4.5")
     if not isinstance(logging.getLevelName(config.log_level.upper()), int):
         problems.append(f"{where('log_level')} {config.log_level!r} is not a logging level "
                         "(DEBUG, INFO, WARNING, ERROR)")
     return replace(config, domain_prompt_text=domain_text)
 
 
-def is_valid_address(address: str) -> bool:
+def address_problem(address: str) -> str | None:
+    """Return what is wrong with a ZeroMQ bind address, or None when it is valid."""
+    not_an_address = ("is not a ZeroMQ address like tcp://127.0.0.1:5555, tcp://127.0.0.1:* "
+                      "or ipc:///run/moe2/agent.sock")
     if address.startswith(("ipc://", "inproc://")):
-        return len(address.split("://", 1)[1]) > 0
+        return None if address.split("://", 1)[1] else not_an_address
     match = _TCP_ADDRESS.match(address)
     if not match:
-        return False
+        return not_an_address
     port = match.group("port")
-    return port == "*" or 1 <= int(port) <= 65535
+    if port != "*" and not 1 <= int(port) <= 65535:
+        return f"has port {port}, which is out of range 1-65535 (use * for a free port)"
+    return None
 
 
 def _check_gguf(path: Path, source: str, problems: list[str]) -> None:

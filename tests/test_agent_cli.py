@@ -186,4 +186,5 @@ def test_unavailable_meter_exits_with_reason(run_agent, tiny_model_path):
 
     assert status == 1
     assert "energy meter 'tegrastats' is unavailable" in stderr
+    assert ". Choose another with --energy-meter" in stderr
     assert "Traceback" not in stderr

@@ -157,8 +157,9 @@ def test_nvml_jetson_not_supported_unavailable():
 def test_nvml_init_failure_unavailable():
     nvml = RecordedNvml(init_error=LIBRARY_NOT_FOUND)
 
-    with pytest.raises(MeterUnavailable, match="NVML did not start"):
+    with pytest.raises(MeterUnavailable, match="NVML did not start") as info:
         open_nvml_meter(nvml=nvml)
+    assert "Check that an NVIDIA driver is loaded" in str(info.value)
 
 
 def test_nvml_missing_device_unavailable():

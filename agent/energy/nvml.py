@@ -41,7 +41,8 @@ def _open_device(nvml: Any, device_index: int) -> tuple[Any, str]:
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:
-        raise MeterUnavailable(f"NVML did not start ({exc}); is an NVIDIA driver loaded?") from None
+        raise MeterUnavailable(f"NVML did not start ({exc}). Check that an NVIDIA driver is loaded, "
+                               "for example with nvidia-smi") from None
     try:
         handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
         name = nvml.nvmlDeviceGetName(handle)

@@ -154,8 +154,8 @@ class TegrastatsMeter(SampledMeter):
             self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                              stdin=subprocess.DEVNULL, text=True, bufsize=1)
         except FileNotFoundError:
-            raise MeterUnavailable(f"{self.command[0]} not found: tegrastats ships with Jetson Linux "
-                                   "(L4T); on other machines choose another meter") from None
+            raise MeterUnavailable(f"{self.command[0]} not found: tegrastats ships only with Jetson Linux "
+                                   "(L4T)") from None
         except PermissionError as exc:
             raise MeterUnavailable(f"cannot run {self.command[0]}: {exc}") from None
 
@@ -177,8 +177,8 @@ class TegrastatsMeter(SampledMeter):
             with self._rails_lock:
                 seen = ", ".join(sorted(self._latest_rails)) or "none"
             self.close()
-            raise MeterUnavailable(f"tegrastats output has no known total-power rail (rails seen: {seen}); "
-                                   "energy would be unknown, so choose another meter")
+            raise MeterUnavailable(f"tegrastats output has no known total-power rail (rails seen: {seen}), "
+                                   "so energy would be unknown")
 
     def _read_lines(self) -> None:
         assert self._process.stdout is not None
