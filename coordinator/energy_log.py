@@ -9,14 +9,19 @@ the run after a last row. Each row covers the window since the previous row:
     interval_s         window length in seconds
     watts              mean power over the window (joules / interval_s), or empty
     joules             energy of the window, or empty when the meter could not tell
-    cumulative_joules  sum of the known window energies so far
+    cumulative_joules  sum of the known window energies so far, or empty until the
+                       first window with known energy (unknown energy is never 0)
     unknown_s          total seconds whose energy was unknown so far
     meter, method      the meter's name and how it got joules (counter, integrated, ...)
-    rails              rails the total covers, separated by ';'
+    rails              rails the total covers, separated by ';', or empty when none
     below_resolution   window shorter than the meter's update interval
+    rail_watts         the latest power in watts of every rail the meter reads, as a
+                       JSON object (a JSON-encoded string in CSV), or empty when the
+                       meter reads no rails
 
-JSONL rows also carry `rail_watts`, the latest power of every rail the meter reads.
-CSV rows carry the rails of the first row as `rail_NAME_w` columns.
+Empty values are null in JSONL. CSV rows also carry the rails of the first row as
+`rail_NAME_w` columns after `rail_watts`; a rail that appears later is only in
+`rail_watts`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ log = logging.getLogger("moe2.energy_log")
 
 BASE_COLUMNS = ["timestamp", "elapsed_s", "interval_s", "watts", "joules", "cumulative_joules",
                 "unknown_s", "meter", "method", "rails", "below_resolution"]
+RAIL_WATTS_COLUMN = "rail_watts"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=int, default=1000, metavar="MS",
                         help="milliseconds between rows, also the sampling interval of tegrastats, jtop "
                              "and NVML power (default: 1000)")
-    parser.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="output format (default: csv)")
+    parser.add_argument("--format", choices=("csv", "jsonl"), default="csv",
+                        help="output format (default: csv). Both have the columns timestamp, elapsed_s, "
+                             "interval_s, watts, joules, cumulative_joules, unknown_s, meter, method, rails, "
+                             "below_resolution and rail_watts (watts per rail, a JSON object; in CSV a "
+                             "JSON-encoded string). CSV adds a rail_NAME_w column for each rail of the first "
+                             "row. Unknown values are null in JSONL and empty in CSV")
     parser.add_argument("--output", type=Path, help="file to append rows to (default: standard output)")
     parser.add_argument("--duration", type=float, metavar="S",
                         help="stop after this many seconds (default: run until SIGTERM or SIGINT)")
@@ -77,8 +88,10 @@ class RowWriter:
                 self.rail_columns = sorted(rail_watts or {})
                 self._csv = csv.writer(self.stream)
                 if self.write_header:
-                    self._csv.writerow(BASE_COLUMNS + [f"rail_{name}_w" for name in self.rail_columns])
+                    self._csv.writerow(BASE_COLUMNS + [RAIL_WATTS_COLUMN]
+                                       + [f"rail_{name}_w" for name in self.rail_columns])
             values = ["" if row[column] is None else row[column] for column in BASE_COLUMNS]
+            values.append(json.dumps(rail_watts, sort_keys=True) if rail_watts else "")
             rails = rail_watts or {}
             values += [_format_number(rails.get(name)) for name in self.rail_columns or []]
             self._csv.writerow(values)
@@ -91,6 +104,9 @@ def _format_number(value: float | None) -> str:
 
 def _open_output(path: Path | None) -> tuple[IO[str], bool]:
     """Return the stream and whether it is empty (so a CSV header belongs at its top)."""
+    # NOTE: rows appended to an existing CSV follow this run's columns, which differ
+    # from the file's header when the first row's rails differ or the file predates
+    # the rail_watts column.
     if path is None:
         return sys.stdout, True
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +118,7 @@ def run_log(meter: Any, writer: RowWriter, interval_s: float, duration_s: float 
             stop_event: threading.Event) -> dict[str, float]:
     """Write one row per interval until `stop_event` is set or `duration_s` has passed."""
     started = time.monotonic()
-    cumulative = 0.0
+    cumulative: float | None = None     # None until a window's energy is known
     unknown_s = 0.0
     rows = 0
     mark = meter.start()
@@ -115,7 +131,7 @@ def run_log(meter: Any, writer: RowWriter, interval_s: float, duration_s: float 
         if record.joules is None:
             unknown_s += record.seconds
         else:
-            cumulative += record.joules
+            cumulative = (cumulative or 0.0) + record.joules
         row = {
             "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
             "elapsed_s": round(now - started, 6),
@@ -123,11 +139,11 @@ def run_log(meter: Any, writer: RowWriter, interval_s: float, duration_s: float 
             "watts": (round(record.joules / record.seconds, 6)
                       if record.joules is not None and record.seconds > 0 else None),
             "joules": None if record.joules is None else round(record.joules, 6),
-            "cumulative_joules": round(cumulative, 6),
+            "cumulative_joules": None if cumulative is None else round(cumulative, 6),
             "unknown_s": round(unknown_s, 6),
             "meter": record.meter,
             "method": record.method,
-            "rails": ";".join(record.rails),
+            "rails": ";".join(record.rails) or None,
             "below_resolution": record.below_resolution,
         }
         writer.write(row, meter.rail_power())
@@ -140,6 +156,15 @@ def run_log(meter: Any, writer: RowWriter, interval_s: float, duration_s: float 
         next_row += interval_s * max(1, math.ceil((now - next_row) / interval_s))
     return {"rows": rows, "cumulative_joules": cumulative, "unknown_s": unknown_s,
             "seconds": time.monotonic() - started}
+
+
+def describe_summary(summary: dict[str, Any]) -> str:
+    """Return the closing log line's figures: rows, joules (or unknown), seconds."""
+    rows = summary["rows"]
+    joules = summary["cumulative_joules"]
+    energy = "energy unknown" if joules is None else f"{joules:.3f} J"
+    return (f"{rows} row{'' if rows == 1 else 's'}, {energy} over {summary['seconds']:.1f} s, "
+            f"{summary['unknown_s']:.1f} s with unknown energy")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,12 +180,19 @@ def run(args: argparse.Namespace) -> int:
     if args.meter in ("auto", "nvml") and args.device_index is not None:
         options["device_index"] = args.device_index
     if args.meter == "estimate":
+        if args.watts_per_core is None:
+            log.error("--meter estimate needs --watts-per-core: the watts of one busy CPU core, for example 4.5")
+            return 2
         options["watts_per_core"] = args.watts_per_core
     try:
         meter = create_meter(args.meter, **options)
-    except (MeterUnavailable, ValueError) as exc:
-        log.error("energy meter %s is unavailable: %s", args.meter, exc)
+    except MeterUnavailable as exc:
+        log.error("energy meter %s is unavailable: %s. Choose another with --meter "
+                  "(auto falls back to none)", args.meter, exc)
         return 1
+    except ValueError as exc:
+        log.error("invalid option for --meter %s: %s", args.meter, exc)
+        return 2
 
     stop_event = threading.Event()
 
@@ -180,8 +212,7 @@ def run(args: argparse.Namespace) -> int:
                  args.interval, args.output or "standard output")
         summary = run_log(meter, RowWriter(stream, args.format, write_header=empty),
                           args.interval / 1000.0, args.duration, stop_event)
-        log.info("energy log stopped: %d rows, %.3f J over %.1f s, %.1f s with unknown energy",
-                 summary["rows"], summary["cumulative_joules"], summary["seconds"], summary["unknown_s"])
+        log.info("energy log stopped: %s", describe_summary(summary))
     except BrokenPipeError:
         log.info("energy log stopped: the output pipe closed")
     finally:

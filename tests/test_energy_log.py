@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -97,6 +98,9 @@ def test_energy_log_csv_duration_appends(fake_tegrastats_path, tmp_path):
     for row in rows:
         assert float(row["watts"]) == pytest.approx(17.946, rel=1e-4)
         assert float(row["rail_VDD_IN_w"]) == pytest.approx(17.946)
+        rail_watts = json.loads(row["rail_watts"])
+        assert rail_watts["VDD_IN"] == pytest.approx(17.946)
+        assert rail_watts["VDD_SOC"] == pytest.approx(3.923)
     assert float(rows[-1]["elapsed_s"]) == pytest.approx(0.3, abs=0.2)
 
 
@@ -114,12 +118,66 @@ def test_energy_log_estimate_meter(tmp_path, capsys):
     assert all(row["joules"] >= 0 for row in rows)
 
 
-def test_energy_log_unavailable_meter(tmp_path, caplog):
+def test_energy_log_estimate_needs_watts(tmp_path, caplog):
     status = cli.main(["energy-log", "--meter", "estimate", "--output", str(tmp_path / "x.csv")])
 
-    assert status == 1
-    assert "watts_per_core" in caplog.text
+    assert status == 2
+    assert "--meter estimate needs --watts-per-core" in caplog.text
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_energy_log_unavailable_meter(tmp_path, monkeypatch, caplog):
+    # With an empty PATH the tegrastats meter cannot find its program.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    status = cli.main(["energy-log", "--meter", "tegrastats", "--output", str(tmp_path / "x.csv")])
+
+    assert status == 1
+    assert "energy meter tegrastats is unavailable: tegrastats not found" in caplog.text
+    assert ". Choose another with --meter (auto falls back to none)" in caplog.text
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.timeout(60)
+def test_energy_log_unknown_energy_is_null(tmp_path, caplog):
+    output = tmp_path / "none.jsonl"
+
+    with caplog.at_level(logging.INFO, logger="moe2"):
+        status = cli.main(["energy-log", "--meter", "none", "--interval", "20", "--duration", "0.1",
+                           "--format", "jsonl", "--output", str(output)])
+
+    assert status == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) >= 2
+    for row in rows:
+        assert row["meter"] == "none"
+        assert row["watts"] is None
+        assert row["joules"] is None
+        assert row["cumulative_joules"] is None
+        assert row["rails"] is None
+        assert row["rail_watts"] is None
+    assert rows[-1]["unknown_s"] > 0
+    stopped = [r.getMessage() for r in caplog.records if "energy log stopped" in r.getMessage()]
+    assert len(stopped) == 1
+    assert "energy unknown" in stopped[0]
+    assert " J " not in stopped[0]
+
+
+@pytest.mark.timeout(60)
+def test_energy_log_csv_one_row_unknown_energy(tmp_path, caplog):
+    output = tmp_path / "none.csv"
+
+    with caplog.at_level(logging.INFO, logger="moe2"):
+        status = cli.main(["energy-log", "--meter", "none", "--interval", "1000", "--duration", "0.05",
+                           "--output", str(output)])
+
+    assert status == 0
+    with output.open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 1
+    assert rows[0]["cumulative_joules"] == ""
+    assert rows[0]["rails"] == ""
+    assert rows[0]["rail_watts"] == ""
+    assert "energy log stopped: 1 row, energy unknown" in caplog.text
 
 
 def test_energy_log_rejects_bad_interval(caplog):
