@@ -147,7 +147,8 @@ async def profile_expert(client: AgentClient, config: Config, requested: list[in
     info = await client.info(config.timeouts.handshake_s)
     vocabulary = Vocabulary.from_reply(await client.call("vocab", config.timeouts.handshake_s))
     lengths = usable_lengths(requested, info, steps)
-    log.info("profiling %s at lengths %s, %d repeats of 1 prefill + %d steps", client.name, lengths, repeats, steps)
+    log.info("profiling %s at lengths %s, %s of 1 prefill + %s", client.name, lengths,
+             _count(repeats, "repeat"), _count(steps, "step"))
 
     for _ in range(warmup):
         await _run_once(client, config, _prompt_tokens(vocabulary, info, lengths[0]), steps)
@@ -261,6 +262,36 @@ def plot_profile(profile: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def output_problem(path: Path, option: str) -> str | None:
+    """Return why `path` cannot be written as a file, or None; creates nothing."""
+    if path.is_dir():
+        return f"{option} {path} is a folder; give a file path"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{option} {path} is not writable"
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{option} {path} cannot be created: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{option} {path} cannot be created: folder {ancestor} is not writable"
+    return None
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first of --steps, --repeats and --warmup that is out of range."""
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps} is invalid: give at least 1 decoding step per run")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats} is invalid: give at least 1 recorded run per length")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup} is invalid: give 0 or more unrecorded runs")
+
+
 def _parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(part) for part in text.split(",") if part.strip()]
@@ -275,9 +306,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(config_path(args))
         lengths = _parse_lengths(args.lengths)
-        if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-            raise ValueError(f"--steps {args.steps} and --repeats {args.repeats} must be >= 1, "
-                             f"and --warmup {args.warmup} >= 0")
+        _check_counts(args)
+        plot_path = args.plot or args.output.with_suffix(".png")
+        for path, option in ((args.output, "--output"), (plot_path, "--plot" if args.plot else "the plot path")):
+            problem = output_problem(path, option)
+            if problem is not None:
+                raise ValueError(problem)
         names = [n.strip() for n in args.experts.split(",")] if args.experts else list(config.expert_names)
         unknown = [n for n in names if n not in config.expert_names]
         if unknown:
@@ -304,9 +338,17 @@ def run(args: argparse.Namespace) -> int:
         "gate": gate,
         "experts": experts,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(profile, indent=1) + "\n")
-    plot_path = args.plot or args.output.with_suffix(".png")
-    plot_profile(profile, plot_path)
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(profile, indent=1) + "\n")
+    except OSError as exc:
+        log.error("could not write the profile to %s: %s", args.output, exc)
+        return 1
+    try:
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot_profile(profile, plot_path)
+    except OSError as exc:
+        log.error("wrote profile %s, but could not write the plot %s: %s", args.output, plot_path, exc)
+        return 1
     log.info("wrote profile %s and plot %s", args.output, plot_path)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import numpy as np
@@ -43,10 +44,12 @@ def test_profile_two_agents_end_to_end(tmp_path, start_agent, tiny_model_path, m
         f'[[experts]]\nname = "metered"\nendpoint = "{metered_agent.endpoint}"\n')
     output = tmp_path / "profile.json"
 
-    status = cli.main(["profile", "--config", str(config), "--output", str(output),
-                       "--lengths", "8,16,32,500", "--steps", "3", "--repeats", "2", "--warmup", "1"])
+    with caplog.at_level(logging.INFO, logger="moe2"):
+        status = cli.main(["profile", "--config", str(config), "--output", str(output),
+                           "--lengths", "8,16,32,500", "--steps", "3", "--repeats", "2", "--warmup", "1"])
 
     assert status == 0, caplog.text
+    assert "2 repeats of 1 prefill + 3 steps" in caplog.text
     profile = json.loads(output.read_text())
     assert profile["format"] == "moe2-profile"
     assert profile["settings"]["steps"] == 3
@@ -97,6 +100,53 @@ def test_profile_unknown_expert(tmp_path, caplog):
 
     assert status == 2
     assert "not configured" in caplog.text
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("option", ["--output", "--plot"])
+def test_profile_output_under_file_rejected_first(tmp_path, caplog, option):
+    config = tmp_path / "coordinator.toml"
+    # Port 9 (discard) has no listener on loopback: profiling would time out, so
+    # status 2 shows that the path was checked before any expert was contacted.
+    config.write_text('[[experts]]\nname = "a"\nendpoint = "tcp://127.0.0.1:9"\n')
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder\n")
+    paths = {"--output": str(tmp_path / "p.json"), "--plot": str(tmp_path / "p.png")}
+    paths[option] = str(blocker / "sub" / "p.out")
+
+    status = cli.main(["profile", "--config", str(config), "--output", paths["--output"], "--plot", paths["--plot"]])
+
+    assert status == 2
+    assert f"{option} {blocker / 'sub' / 'p.out'} cannot be created: {blocker} is a file, not a folder" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_profile_output_folder_rejected(tmp_path, caplog):
+    config = tmp_path / "coordinator.toml"
+    config.write_text('[[experts]]\nname = "a"\nendpoint = "tcp://127.0.0.1:9"\n')
+
+    status = cli.main(["profile", "--config", str(config), "--output", str(tmp_path)])
+
+    assert status == 2
+    assert f"--output {tmp_path} is a folder; give a file path" in caplog.text
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--steps", "0", "--steps 0 is invalid: give at least 1 decoding step per run"),
+    ("--repeats", "0", "--repeats 0 is invalid: give at least 1 recorded run per length"),
+    ("--warmup", "-1", "--warmup -1 is invalid: give 0 or more unrecorded runs"),
+])
+def test_profile_bad_count_names_only_it(tmp_path, caplog, option, value, message):
+    config = tmp_path / "coordinator.toml"
+    config.write_text('[[experts]]\nname = "a"\nendpoint = "tcp://127.0.0.1:9"\n')
+
+    status = cli.main(["profile", "--config", str(config), "--output", str(tmp_path / "p.json"), option, value])
+
+    assert status == 2
+    assert message in caplog.text
+    others = {"--steps", "--repeats", "--warmup"} - {option}
+    for other in others:
+        assert other not in caplog.text
 
 
 def test_profile_rejects_bad_lengths(tmp_path, caplog):
