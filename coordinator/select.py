@@ -54,7 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="gate values, an NPY array [n_examples, N] of softmax outputs (default: uniform)")
     parser.add_argument("--profile", required=True, type=Path, help="profile JSON written by `moe2 profile`")
     parser.add_argument("--applications", required=True, type=Path,
-                        help="TOML file with [[applications]] tables (name, prompt lengths, output_tokens, t_max)")
+                        help="TOML file with one [[applications]] table per application, with the keys: name; "
+                             "prompt_lengths (a list of prompt lengths in tokens) and optionally "
+                             "prompt_length_weights (one weight per length, default equal), or instead "
+                             "prompt_length_distribution (a table: kind = \"uniform\" with min and max, "
+                             "\"normal\" with mean and std, or \"lognormal\" with median and sigma, in tokens, "
+                             "optionally min and max); output_tokens (tokens generated per request); and "
+                             "t_max (budget on the expected delay per request, in seconds)")
     parser.add_argument("--energy-max", type=float, metavar="JOULES",
                         help="energy budget per request in joules (default: no energy budget)")
     parser.add_argument("--k", type=int, help="top-k experts of S used per prompt, as at inference "
@@ -72,7 +78,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="profile statistic for delay and energy (default: median)")
     parser.add_argument("--gate-seconds", type=float,
                         help="gate time added to every request's delay (default: the profile's gate time, or 0)")
-    parser.add_argument("--config", type=Path, help="coordinator configuration TOML; S is written to selection.subset")
+    parser.add_argument("--config", type=Path,
+                        help="coordinator configuration TOML to write S into. Only the subset entry of its "
+                             "[selection] table is rewritten (added when missing), and selection.top_k is "
+                             "lowered when it exceeds the size of S. Other lines and comments stay as they are, "
+                             "and so does a comment after the old subset value, but comments inside a "
+                             "multi-line subset value are dropped. Also read for selection.top_k when --k is "
+                             "not given")
     parser.add_argument("--dry-run", action="store_true", help="print S without writing the configuration")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
@@ -186,14 +198,17 @@ def _format_report(selection: Selection) -> str:
     return "\n".join(lines)
 
 
-def _array_end(lines: list[str], start: int) -> int:
-    """Return the index of the line that closes the value starting on `lines[start]`."""
+def _array_end(lines: list[str], start: int) -> tuple[int, int]:
+    """Return the line index and the column just after the `]` that closes the value
+    starting on `lines[start]`."""
     depth = 0
     quote = None
     for index in range(start, len(lines)):
         line = lines[index]
-        value_part = line.split("=", 1)[1] if index == start else line
-        for char in value_part:
+        offset = line.index("=") + 1 if index == start else 0
+        column = len(line)
+        for column in range(offset, len(line)):
+            char = line[column]
             if quote:
                 if char == quote:
                     quote = None
@@ -205,15 +220,19 @@ def _array_end(lines: list[str], start: int) -> int:
                 depth += 1
             elif char == "]":
                 depth -= 1
+                if depth == 0:
+                    return index, column + 1
         if depth <= 0:
-            return index
+            return index, column
     raise ValueError("unterminated array")
 
 
 def set_subset_text(text: str, subset: tuple[str, ...]) -> str:
     """Return the TOML text with `selection.subset` set to `subset`, keeping the rest.
 
-    An explicit `selection.top_k` larger than the new subset is lowered to its size.
+    The old `subset` value is replaced by one line, which keeps the comment after the
+    value's closing bracket. Comments inside a multi-line old value are dropped. An
+    explicit `selection.top_k` larger than the new subset is lowered to its size.
     """
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
@@ -227,8 +246,10 @@ def set_subset_text(text: str, subset: tuple[str, ...]) -> str:
     end = next((i for i in range(start + 1, len(lines)) if any_header.match(lines[i])), len(lines))
     for index in range(start + 1, end):
         if re.match(r"^\s*subset\s*=", lines[index]):
-            last = _array_end(lines, index)
-            lines[index:last + 1] = [value]
+            last, column = _array_end(lines, index)
+            comment = lines[last][column:].strip()
+            line = value if not comment.startswith("#") else f"{value.rstrip()}  {comment}\n"
+            lines[index:last + 1] = [line]
             break
     else:
         lines.insert(start + 1, value)

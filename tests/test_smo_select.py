@@ -201,3 +201,42 @@ def test_set_subset_text_inserts_missing_key():
     data = tomllib.loads(text)
     assert data["selection"] == {"subset": ["a", "b"], "top_k": 1}
     assert data["sampling"] == {"temperature": 0.1}
+
+
+def test_set_subset_text_keeps_trailing_comment():
+    text = set_subset_text('[selection]\nsubset = ["a", "b"]  # chosen by hand\ntop_k = 1\n', ("b",))
+
+    assert 'subset = ["b"]  # chosen by hand\n' in text
+    assert tomllib.loads(text)["selection"] == {"subset": ["b"], "top_k": 1}
+
+
+def test_set_subset_text_keeps_comment_after_multiline_array():
+    config = CONFIG.replace('    "expert1",\n]\n', '    "expert1",\n]  # two experts\n')
+
+    text = set_subset_text(config, ("expert3", "expert1"))
+
+    assert 'subset = ["expert3", "expert1"]  # two experts\n' in text
+    assert "# S is chosen by moe2 select.\n" in text
+    assert "top_k = 2  # experts per prompt\n" in text
+    assert tomllib.loads(text)["selection"] == {"subset": ["expert3", "expert1"], "top_k": 2}
+
+
+def test_set_subset_text_changes_only_selection_lines():
+    text = set_subset_text(CONFIG, ("expert2", "expert0"))
+
+    added = [line for line in text.splitlines() if line not in CONFIG.splitlines()]
+    removed = [line for line in CONFIG.splitlines() if line not in text.splitlines()]
+    assert added == ['subset = ["expert2", "expert0"]']
+    assert removed == ['subset = [', '    "expert0",   # the science expert', '    "expert1",', ']']
+
+
+def test_select_help_names_application_keys(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["select", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+
+    for key in ("name", "prompt_lengths", "prompt_length_weights", "prompt_length_distribution",
+                "output_tokens", "t_max"):
+        assert key in help_text
+    assert "t_max (budget on the expected delay per request, in seconds)" in help_text
+    assert "Only the subset entry of its [selection] table is rewritten" in help_text
