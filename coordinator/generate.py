@@ -128,9 +128,13 @@ class Coordinator:
         """Warn when the agent's own name, or its fingerprint in the gate, differs."""
         reported = expert.info.raw.get("name")
         if isinstance(reported, str) and reported and reported != expert.name:
-            log.warning("expert %s: the agent at %s reports the name %r. Check that the endpoint serves this "
-                        "expert, or start the agent with --name %s so that both names match",
-                        expert.name, expert.client.endpoint, reported, expert.name)
+            # An agent started without --name reports its model file name; that is no
+            # sign of a wrong endpoint, so it is logged at INFO only.
+            default_name = reported == expert.info.raw.get("model_file")
+            log.log(logging.INFO if default_name else logging.WARNING,
+                    "expert %s: the agent at %s reports the name %r. Check that the endpoint serves this "
+                    "expert, or start the agent with --name %s so that both names match",
+                    expert.name, expert.client.endpoint, reported, expert.name)
 
         gate = self.gate
         if gate is None or gate.uniform or expert.name not in gate.names:

@@ -406,3 +406,21 @@ def test_generate_streamed_text_equals_result(start_agent, tiny_model_path):
     assert result.tokens_per_s > 0
     assert result.energy_j is None, "the agents have no energy meter, so energy must be unknown, not 0"
     assert report(result, "a").meter == "none"
+
+
+@pytest.mark.timeout(60)
+def test_connect_default_agent_name_not_warned(start_agent, tiny_model_path, caplog):
+    agent = start_agent(tiny_model_path)
+    config = make_config({"humanities": agent.address}, max_tokens=2)
+
+    async def one_request() -> None:
+        async with Coordinator(config) as coordinator:
+            await coordinator.generate(PROMPT)
+
+    with caplog.at_level(logging.INFO, logger="moe2"):
+        asyncio.run(one_request())
+
+    records = [r for r in caplog.records if "reports the name" in r.getMessage()]
+    assert len(records) == 1
+    assert records[0].levelno == logging.INFO
+    assert f"reports the name '{tiny_model_path.name}'" in records[0].getMessage()
