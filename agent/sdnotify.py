@@ -1,9 +1,9 @@
 """systemd service notification (sd_notify) without libsystemd.
 
-Under a unit with `Type=notify`, systemd passes a datagram socket in `NOTIFY_SOCKET`;
-the service sends `READY=1` once it serves, `WATCHDOG=1` at least every
-`WATCHDOG_USEC / 2` microseconds when `WatchdogSec=` is set, and `STOPPING=1` on
-shutdown. Outside systemd every call is a no-op.
+Under a unit with `Type=notify`, systemd passes the path of a datagram socket in
+`NOTIFY_SOCKET`. The service sends `READY=1` once it serves and `STOPPING=1` on
+shutdown. When `WatchdogSec=` is set, it also sends `WATCHDOG=1` at least every
+`WATCHDOG_USEC / 2` microseconds. Outside systemd every call is a no-op.
 """
 
 from __future__ import annotations
