@@ -357,7 +357,12 @@ class _Request:
         served = [p for p in self.participants if p.name in replies.distributions]
         while True:
             total = sum(p.weight for p in served)
-            weights = np.array([p.weight / total for p in served])
+            if total > 0:
+                weights = np.array([p.weight / total for p in served])
+            else:
+                # The gate value of every expert that replied underflowed to 0 while the
+                # others were late or dropped, so weight the ones that replied equally.
+                weights = np.full(len(served), 1.0 / len(served))
             distributions = [replies.distributions[p.name] for p in served]
             try:
                 token = fuse_and_sample(distributions, weights, exchange.n_tokens, self.config.sampling.temperature,

@@ -205,3 +205,35 @@ def test_trained_gate_routes_domain_prompts(embedder_dir, tmp_path, monkeypatch)
     for subject in subjects:
         routed = [gate.names[int(gate(e.gate_text).values.argmax())] for e in fresh if e.subject == subject]
         assert routed.count(subject) >= 9, f"{subject} routed to {routed}"
+
+
+@pytest.mark.timeout(60)
+def test_coordinator_zero_gate_expert_serves_alone(embedder_dir, tmp_path, start_agent, tiny_model_path):
+    """An expert whose gate value underflows to 0 still serves once the other is dropped."""
+    prompt = "the quick brown fox"
+    cramped = start_agent(tiny_model_path, name="cramped", n_ctx=16)
+    roomy = start_agent(tiny_model_path, name="roomy")
+    embedding = Embedder(embedder_dir).embed([prompt])[0].astype(np.float64)
+    # Gate logits are [200, -200] for this prompt, so the float32 softmax is exactly [1, 0].
+    weights = np.outer(embedding / embedding.dot(embedding), [200.0, -200.0])
+    write_linear_gate(tmp_path / "gate.onnx", weights, [("cramped", None), ("roomy", None)])
+    gate = Gate.load(tmp_path / "gate.onnx", Embedder(embedder_dir)).for_experts(["cramped", "roomy"])
+    assert gate(prompt).values.tolist() == [1.0, 0.0]
+    config = parse_config({"experts": [{"name": "cramped", "endpoint": cramped.address},
+                                       {"name": "roomy", "endpoint": roomy.address}],
+                           "selection": {"top_k": 2},
+                           "sampling": {"temperature": 0.0, "max_tokens": 20},
+                           "timeouts": {"handshake_s": 10.0}})
+
+    async def run():
+        async with Coordinator(config, gate) as coordinator:
+            return await coordinator.generate(prompt)
+
+    result = asyncio.run(run())
+
+    assert len(result.tokens) == 20
+    reports = {expert.name: expert for expert in result.experts}
+    assert "context_overflow" in reports["cramped"].drop_reason
+    assert reports["roomy"].weight == 0.0
+    assert reports["roomy"].served_steps > 0
+    assert reports["roomy"].served_steps + reports["cramped"].served_steps >= 20
