@@ -332,8 +332,8 @@ class _Request:
         chosen = select_top_k(candidates, candidate_gates, min(self.config.top_k, len(candidates)))
         total = sum(candidate_gates[index] for index in chosen)
         for index in chosen:
-            # Gate values are positive (softmax), but fall back to equal weights if the
-            # chosen ones sum to zero, so the fusion never divides by zero.
+            # A float32 softmax can underflow to 0, so fall back to equal weights if the
+            # chosen gate values sum to zero, and the fusion never divides by zero.
             weight = candidate_gates[index] / total if total > 0 else 1.0 / len(chosen)
             expert = experts[candidates[index]]
             self.participants.append(Participant(expert.name, expert.client, candidate_gates[index], weight,
