@@ -149,6 +149,7 @@ class AgentClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, PendingReply] = {}
         self._unmatched_replies = 0
+        self._last_reply_id = 0           # highest request id a reply has carried
         self._socket: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
@@ -266,6 +267,14 @@ class AgentClient:
                 log.warning("expert %s: dropped an undecodable reply: %s", self.name, exc.message)
                 continue
             request_id = message.get("id")
+            if request_id is None and message.get("ok") is False:
+                # An agent rejects a frame it cannot decode (frame_too_large) without
+                # echoing the id. It replies in order, so the reply is for the oldest
+                # request sent after the last one answered. NOTE: when that request
+                # timed out and was forgotten, the error goes to the next pending one.
+                request_id = self._oldest_unanswered_id()
+            if isinstance(request_id, int):
+                self._last_reply_id = max(self._last_reply_id, request_id)
             pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
             if pending is None:
                 self._count_unmatched(request_id, message.get("op"))
@@ -278,6 +287,9 @@ class AgentClient:
                 pending.future.set_result(message)
             else:
                 pending.future.set_exception(error)
+
+    def _oldest_unanswered_id(self) -> int | None:
+        return min((request_id for request_id in self._pending if request_id > self._last_reply_id), default=None)
 
     def _reply_error(self, pending: PendingReply, message: dict) -> AgentError | None:
         if message.get("v") != protocol.PROTOCOL_VERSION:

@@ -424,3 +424,19 @@ def test_connect_default_agent_name_not_warned(start_agent, tiny_model_path, cap
     assert len(records) == 1
     assert records[0].levelno == logging.INFO
     assert f"reports the name '{tiny_model_path.name}'" in records[0].getMessage()
+
+
+@pytest.mark.timeout(60)
+def test_generate_oversized_prompt_reports_frame_too_large(start_agent, tiny_model_path):
+    agent = start_agent(tiny_model_path, max_frame_bytes=4096)
+    config = make_config({"small": agent.address}, timeouts={"handshake_s": 10.0, "open_s": 30.0})
+    # The agent rejects the open frame without decoding it, so its error reply has no request id.
+    prompt = "the quick brown fox " * 300
+
+    with pytest.raises(GenerationError) as info:
+        generate(config, prompt=prompt)
+
+    assert [e.kind for e in info.value.events] == ["dropped"]
+    detail = info.value.events[0].detail
+    assert "frame_too_large" in detail
+    assert "timed out" not in detail
