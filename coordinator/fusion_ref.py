@@ -200,7 +200,9 @@ def kept_weights(probs: np.ndarray, temperature: float, top_k: int, top_p: float
     if temperature == 1.0:
         return kept, p
     log_max = np.log(float(probs.max()))
-    return kept, np.exp((np.log(p) - log_max) / temperature)
+    # A temperature near 0 overflows the division to -inf, whose exp() is the exact weight 0.
+    with np.errstate(over="ignore"):
+        return kept, np.exp((np.log(p) - log_max) / temperature)
 
 
 def sample_token(probs: np.ndarray, ids: np.ndarray | None, n_vocab: int, temperature: float,

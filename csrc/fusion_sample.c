@@ -416,7 +416,7 @@ static int64_t walk_list(const float *p, const rank_key *keys, int64_t count,
  */
 MOE2_CLONES
 static int64_t walk_mask(const float *p, int64_t n, float bound, int32_t bound_position,
-                         int tempered, float inv_t, float log_max, double u,
+                         int tempered, float inv_t, float largest, float log_max, double u,
                          float *weights, double *block_sums)
 {
     double total = 0.0;
@@ -430,7 +430,12 @@ static int64_t walk_mask(const float *p, int64_t n, float bound, int32_t bound_p
 #pragma omp simd reduction(+:block_sum)
             for (int32_t i = 0; i < len; i++) {
                 int keep = x[i] > bound || (x[i] == bound && i <= last);
-                float value = exp_approx((log_approx(x[i]) - log_max) * inv_t);
+                /* The exact exponent is 0 for p_max and negative below it. The
+                 * error of log_approx(), times 1 / T near 0, would give p_max the
+                 * weight 0 (or another token more than p_max), so p_max gets 1
+                 * exactly and the exponent is clamped at 0. */
+                float exponent = (log_approx(x[i]) - log_max) * inv_t;
+                float value = x[i] == largest ? 1.0f : exp_approx(exponent < 0.0f ? exponent : 0.0f);
                 w[i] = keep ? value : 0.0f;
                 block_sum += (double)w[i];
             }
@@ -569,7 +574,10 @@ static int64_t sample_position(const float *p, int64_t n, float largest, double 
                                double temperature, int32_t top_k, double top_p,
                                double min_p, double u, sample_scratch *s)
 {
-    double inv_t = 1.0 / temperature;
+    /* A temperature near 0 must not make 1 / T infinite, because 0 * inf is NaN
+     * for the most probable token. */
+    double inv_t = fmin(1.0 / temperature, DBL_MAX);
+    float inv_t_float = (float)fmin(inv_t, FLT_MAX);
     int tempered = temperature != 1.0;
     double log_max = log((double)largest);
     float min_bound = min_p > 0.0 ? round_up_to_float(min_p * (double)largest) : 0.0f;
@@ -579,7 +587,7 @@ static int64_t sample_position(const float *p, int64_t n, float largest, double 
     float bound = min_bound > 0.0f ? min_bound : FLT_TRUE_MIN;
     int32_t bound_position = (int32_t)(n - 1);
     if (!selecting && min_bound == 0.0f) {
-        return walk_mask(p, n, bound, bound_position, tempered, (float)inv_t,
+        return walk_mask(p, n, bound, bound_position, tempered, inv_t_float, largest,
                          (float)log_max, u, s->weights, s->block_sums);
     }
 
@@ -602,7 +610,7 @@ static int64_t sample_position(const float *p, int64_t n, float largest, double 
         bound = key_prob(last);
         bound_position = (int32_t)key_position(last);
     }
-    return walk_mask(p, n, bound, bound_position, tempered, (float)inv_t, (float)log_max,
+    return walk_mask(p, n, bound, bound_position, tempered, inv_t_float, largest, (float)log_max,
                      u, s->weights, s->block_sums);
 }
 

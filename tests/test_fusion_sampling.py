@@ -141,6 +141,20 @@ def test_sample_greedy_tie_takes_lowest_id(backend):
 
 
 @pytest.mark.parametrize("backend", ["c", "reference"])
+@pytest.mark.parametrize("temperature", [1e-8, 1e-12, 1e-30, 1e-45, 1e-300, 5e-324])
+@pytest.mark.parametrize("filters", [{}, {"top_k": 2}, {"top_p": 0.9}, {"min_p": 0.05}])
+@pytest.mark.parametrize("n", [3, 300, 5000])
+def test_sample_tiny_temperature_takes_max(backend, temperature, filters, n):
+    probs = (np.random.default_rng(n).random(n) * 0.3).astype(np.float32)
+    # For this p_max the kernel's log approximation differs from log() by about 1e-7.
+    best = n // 2
+    probs[best] = 0.3592432737350464
+
+    for u in (0.0, 0.5, np.nextafter(1.0, 0.0)):
+        assert fusion.sample(probs, temperature=temperature, u=u, backend=backend, **filters) == best
+
+
+@pytest.mark.parametrize("backend", ["c", "reference"])
 def test_sample_top_k_tie_keeps_lowest_ids(backend):
     probs = np.array([0.1, 0.2, 0.2, 0.2, 0.3], dtype=np.float32)
     # top_k = 2 keeps token 4 and, of the three tied tokens, the lowest id 1.
