@@ -213,7 +213,9 @@ int32_t moe2_fuse_logprobs(const float *const *rows, int32_t k, int64_t n,
         return status;
     }
 
-    float inv_t = (float)(1.0 / temperature);
+    /* Clamped so that a temperature near 0 gives no infinite 1 / T, because
+     * 0 * inf is NaN for each row's maximum. */
+    float inv_t = (float)fmin(1.0 / temperature, FLT_MAX);
     int first = 1;
     for (int32_t group = 0; group < k; group += GROUP_ROWS) {
         const float *group_rows[GROUP_ROWS];

@@ -72,6 +72,20 @@ def test_fuse_dense_zero_weight_ignored():
     assert_close_to_reference(with_zero, without)
 
 
+@pytest.mark.parametrize("backend", ["c", "reference"])
+@pytest.mark.parametrize("temperature", [1e-10, 1e-40, 1e-300])
+def test_fuse_dense_tiny_temperature_one_hot(backend, temperature):
+    rows = make_logits(np.random.default_rng(6), 2, 1000, "normal")
+    expected = np.zeros((2, 1000))
+    expected[0, np.argmax(rows[0])] = 0.25
+    expected[1, np.argmax(rows[1])] = 0.75
+
+    fused = fusion.fuse_dense(rows, [1.0, 3.0], temperature=temperature, backend=backend)
+
+    assert np.isfinite(fused).all()
+    np.testing.assert_allclose(fused, expected.sum(axis=0), rtol=1e-6, atol=0)
+
+
 def test_fuse_dense_list_input_and_out():
     rows = make_logits(np.random.default_rng(4), 2, 500, "normal")
     out = np.empty(500, dtype=np.float32)
