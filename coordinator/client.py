@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,7 +445,7 @@ class VocabularyCache:
                 if str(data["fingerprint"]) != fingerprint:
                     raise ValueError("stored fingerprint differs")
                 vocabulary = Vocabulary(data["pieces"].tobytes(), data["offsets"], data["attrs"])
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             log.warning("vocabulary cache file %s is unreadable (%s); fetching from the agent", path, exc)
             return None
         if vocabulary.n_tokens != n_tokens:

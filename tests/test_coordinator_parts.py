@@ -190,6 +190,23 @@ def test_vocabulary_cache_corrupt_file_refetched(start_agent, tiny_model_path, t
     assert vocabulary.n_tokens == agent.model.vocab.n_tokens
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_vocabulary_cache_damaged_file_refetched(start_agent, tiny_model_path, tmp_path: Path, caplog, damage):
+    agent = start_agent(tiny_model_path)
+    asyncio.run(fetch_vocabularies([agent.address], VocabularyCache(tmp_path)))
+    (path,) = tmp_path.glob("vocab-*.npz")
+    content = path.read_bytes()
+    path.write_bytes(b"" if damage == "empty" else content[:len(content) // 2])
+
+    with caplog.at_level(logging.INFO, logger="moe2.coordinator.client"):
+        vocabulary = asyncio.run(fetch_vocabularies([agent.address], VocabularyCache(tmp_path)))[0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("unreadable" in m for m in messages)
+    assert any("fetched vocabulary" in m for m in messages)
+    assert vocabulary.n_tokens == agent.model.vocab.n_tokens
+
+
 # --- agent client --------------------------------------------------------------------------
 
 async def call_once(endpoint: str, op: str, timeout_s: float, **fields) -> dict:
