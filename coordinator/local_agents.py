@@ -118,9 +118,13 @@ class LocalAgents:
         environment = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
         environment.pop("WATCHDOG_USEC", None)
         log_path = directory / f"{spec.name}.log"
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=environment)
+        try:
+            with open(log_path, "wb") as log_file:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                           stderr=subprocess.STDOUT, env=environment)
+        except OSError:
+            notify.close()
+            raise
         return LocalAgent(spec, process, log_path, _notify=notify)
 
     def _wait_ready(self, agent: LocalAgent, deadline: float) -> None:
