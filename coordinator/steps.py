@@ -240,6 +240,9 @@ class StepExchange:
         if dense is not None and dense.size != n_tokens:
             raise AgentProtocolError(name, f"{distribution.kind} reply to {owed.describe()} has {dense.size} entries, "
                                            f"expected n_tokens = {n_tokens}")
+        if distribution.kind == "sparse" and distribution.ids.size == 0:
+            # A top-m reply with m >= 1 always lists a token; an empty one cannot be sampled from.
+            raise AgentProtocolError(name, f"sparse reply to {owed.describe()} lists no token ids")
         if distribution.kind == "sparse" and distribution.ids.size and (
                 int(distribution.ids.min()) < 0 or int(distribution.ids.max()) >= n_tokens):
             raise AgentProtocolError(name, f"sparse reply to {owed.describe()} has token ids outside 0..{n_tokens - 1}")
