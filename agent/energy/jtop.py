@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent.energy.base import MeterUnavailable
-from agent.energy.tegrastats import board_total
-from agent.energy.trace import SampledMeter
+from agent.energy.tegrastats import RailPowerMeter
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def check_service(socket_path: Path = JTOP_SOCKET) -> None:
                                "(`sudo usermod -aG jtop USER`) and log in again")
 
 
-class JtopMeter(SampledMeter):
+class JtopMeter(RailPowerMeter):
     """Integrates the board total from jtop's rail readings.
 
     `client_factory(interval_s)` returns an object with jtop's `start()`, `ok()`,
@@ -72,9 +71,6 @@ class JtopMeter(SampledMeter):
         if client_factory is None:
             check_service(socket_path)
             client_factory = _default_client
-        self.scope = "unavailable"
-        self._latest_rails: dict[str, float] = {}
-        self._rails_lock = threading.Lock()
         self._first_reading = threading.Event()
         self._client = client_factory(self.update_interval_s)
         try:
@@ -88,8 +84,7 @@ class JtopMeter(SampledMeter):
             self.close()
             raise MeterUnavailable(f"jtop gave no power reading within {first_reading_timeout_s:g} s")
         if not self.rails:
-            with self._rails_lock:
-                seen = ", ".join(sorted(self._latest_rails)) or "none"
+            seen = self._rails_seen()
             self.close()
             raise MeterUnavailable(f"jtop reports no known total-power rail (rails seen: {seen})")
 
@@ -106,26 +101,11 @@ class JtopMeter(SampledMeter):
                     log.warning("jtop: power read failed (%d failures so far): %s", failures, exc)
                 self._stop_event.wait(self.update_interval_s)
                 continue
-            total = board_total(rails)
-            if total.watts is not None:
-                self.rails = total.rails
-                self.scope = total.scope
-            with self._rails_lock:
-                self._latest_rails = rails
-            self.trace.add(time.monotonic(), total.watts)
+            self._add_reading(time.monotonic(), rails)
             self._first_reading.set()
         if not self._stop_event.is_set():
             self.unavailable_note = "the jtop service connection closed"
             log.error("jtop: the service connection closed, so energy is unknown from now on")
-
-    def rail_power(self) -> dict[str, float] | None:
-        with self._rails_lock:
-            return dict(self._latest_rails)
-
-    def describe(self) -> dict:
-        description = super().describe()
-        description["scope"] = self.scope
-        return description
 
     def close(self) -> None:
         self._stop_event.set()

@@ -125,7 +125,45 @@ def board_total(rails: dict[str, RailReading] | dict[str, float]) -> BoardTotal:
     return BoardTotal(watts=None, rails=(), scope="unavailable")
 
 
-class TegrastatsMeter(SampledMeter):
+class RailPowerMeter(SampledMeter):
+    """A Jetson meter fed with per-rail power readings, integrating the board total.
+
+    Shared by tegrastats and jetson-stats: both report the same rails, so the board
+    total follows the same rules (`board_total`), and the latest rails are kept for
+    `rail_power()`.
+    """
+
+    def __init__(self, update_interval_s: float, horizon_s: float = DEFAULT_HORIZON_S):
+        super().__init__(update_interval_s=update_interval_s, horizon_s=horizon_s)
+        self.scope = "unavailable"
+        self._latest_rails: dict[str, float] = {}
+        self._rails_lock = threading.Lock()
+
+    def _add_reading(self, timestamp: float, rails: dict[str, float]) -> None:
+        """Record one reading of every rail, in watts, taken at `timestamp` (monotonic)."""
+        total = board_total(rails)
+        if total.watts is not None:
+            self.rails = total.rails
+            self.scope = total.scope
+        with self._rails_lock:
+            self._latest_rails = rails
+        self.trace.add(timestamp, total.watts)
+
+    def _rails_seen(self) -> str:
+        with self._rails_lock:
+            return ", ".join(sorted(self._latest_rails)) or "none"
+
+    def rail_power(self) -> dict[str, float] | None:
+        with self._rails_lock:
+            return dict(self._latest_rails)
+
+    def describe(self) -> dict:
+        description = super().describe()
+        description["scope"] = self.scope
+        return description
+
+
+class TegrastatsMeter(RailPowerMeter):
     """Runs `tegrastats --interval MS` and integrates the board total over each window.
 
     The constructor waits for the first line and raises MeterUnavailable when tegrastats
@@ -141,11 +179,8 @@ class TegrastatsMeter(SampledMeter):
             raise ValueError(f"tegrastats interval must be >= 1 ms, got {interval_ms}")
         super().__init__(update_interval_s=interval_ms / 1000.0, horizon_s=horizon_s)
         self.command = list(command) if command is not None else ["tegrastats", "--interval", str(interval_ms)]
-        self.scope = "unavailable"
         self.lines_read = 0
         self.unparsed_lines = 0
-        self._latest_rails: dict[str, float] = {}
-        self._rails_lock = threading.Lock()
         self._first_line = threading.Event()
         self._exit_lock = threading.Lock()
         self._exit_message: str | None = None
@@ -174,8 +209,7 @@ class TegrastatsMeter(SampledMeter):
             self.close()
             raise MeterUnavailable(f"tegrastats gave no reading: {reason}")
         if not self.rails:
-            with self._rails_lock:
-                seen = ", ".join(sorted(self._latest_rails)) or "none"
+            seen = self._rails_seen()
             self.close()
             raise MeterUnavailable(f"tegrastats output has no known total-power rail (rails seen: {seen}), "
                                    "so energy would be unknown")
@@ -191,13 +225,7 @@ class TegrastatsMeter(SampledMeter):
                 if self.unparsed_lines in (1, 10, 100) or self.unparsed_lines % 1000 == 0:
                     log.warning("tegrastats line without power rails (%d so far): %.200s",
                                 self.unparsed_lines, line.strip())
-            total = board_total(sample.rails)
-            if total.watts is not None:
-                self.rails = total.rails
-                self.scope = total.scope
-            with self._rails_lock:
-                self._latest_rails = {name: reading.current_w for name, reading in sample.rails.items()}
-            self.trace.add(now, total.watts)
+            self._add_reading(now, {name: reading.current_w for name, reading in sample.rails.items()})
             self._first_line.set()
         self._first_line.set()
         if not self._stop_event.is_set():
@@ -225,15 +253,6 @@ class TegrastatsMeter(SampledMeter):
                     stderr = ""
             self._exit_message = f"exit status {code}" + (f": {stderr}" if stderr else "")
             return self._exit_message
-
-    def rail_power(self) -> dict[str, float] | None:
-        with self._rails_lock:
-            return dict(self._latest_rails)
-
-    def describe(self) -> dict:
-        description = super().describe()
-        description["scope"] = self.scope
-        return description
 
     def close(self) -> None:
         self._stop_event.set()
