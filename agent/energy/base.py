@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# How a record's joules were obtained.
+# Measurement methods: the way a record's joules were obtained.
 METHOD_COUNTER = "counter"          # difference of a hardware energy counter
 METHOD_INTEGRATED = "integrated"    # power samples integrated over time
 METHOD_ESTIMATED = "estimated"      # a user-configured model, not a measurement
@@ -80,6 +80,24 @@ class EnergyMeter:
 
     def describe(self) -> dict:
         return {"name": self.name, "method": self.method, "update_interval_s": self.update_interval_s}
+
+
+class CounterMeter(EnergyMeter):
+    """A meter whose window is the difference of two readings of a cumulative counter.
+
+    A mark is (time.monotonic(), `_read()`). Subclasses implement `_read` and `split`,
+    which ends a window and starts the next at the same reading.
+    """
+
+    def _read(self) -> Any:
+        raise NotImplementedError
+
+    def start(self) -> tuple[float, Any]:
+        return time.monotonic(), self._read()
+
+    def stop(self, mark: tuple[float, Any]) -> EnergyRecord:
+        record, _ = self.split(mark)
+        return record
 
 
 class NoneMeter(EnergyMeter):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import time
 
-from agent.energy.base import METHOD_ESTIMATED, EnergyMeter, EnergyRecord
+from agent.energy.base import METHOD_ESTIMATED, CounterMeter, EnergyRecord
 
 
-class EstimateMeter(EnergyMeter):
+class EstimateMeter(CounterMeter):
     """Joules = CPU seconds of this process (all threads) x `watts_per_core`."""
 
     name = "estimate"
@@ -24,12 +24,8 @@ class EstimateMeter(EnergyMeter):
             raise ValueError(f"watts per core must be a number > 0, got {watts_per_core!r}")
         self.watts_per_core = float(watts_per_core)
 
-    def start(self) -> tuple[float, float]:
-        return time.monotonic(), time.process_time()
-
-    def stop(self, mark: tuple[float, float]) -> EnergyRecord:
-        record, _ = self.split(mark)
-        return record
+    def _read(self) -> float:
+        return time.process_time()
 
     def split(self, mark: tuple[float, float]) -> tuple[EnergyRecord, tuple[float, float]]:
         started, cpu_started = mark

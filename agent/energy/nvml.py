@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from agent.energy.base import METHOD_COUNTER, EnergyMeter, EnergyRecord, MeterUnavailable
+from agent.energy.base import METHOD_COUNTER, CounterMeter, EnergyMeter, EnergyRecord, MeterUnavailable
 from agent.energy.trace import SampledMeter
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _open_device(nvml: Any, device_index: int) -> tuple[Any, str]:
     return handle, str(name)
 
 
-class NvmlCounterMeter(EnergyMeter):
+class NvmlCounterMeter(CounterMeter):
     """Energy as the difference of two total-energy counter reads (mJ)."""
 
     name = "nvml"
@@ -76,13 +76,6 @@ class NvmlCounterMeter(EnergyMeter):
         except self.nvml.NVMLError as exc:
             log.warning("nvml: energy counter read failed on GPU %d: %s", self.device_index, exc)
             return None
-
-    def start(self) -> tuple[float, int | None]:
-        return time.monotonic(), self._read()
-
-    def stop(self, mark: tuple[float, int | None]) -> EnergyRecord:
-        record, _ = self.split(mark)
-        return record
 
     def split(self, mark: tuple[float, int | None]) -> tuple[EnergyRecord, tuple[float, int | None]]:
         started, first = mark

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from agent.energy.base import METHOD_COUNTER, EnergyMeter, EnergyRecord, MeterUnavailable
+from agent.energy.base import METHOD_COUNTER, CounterMeter, EnergyRecord, MeterUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def counter_delta(first: int, last: int, max_range_uj: int) -> int:
     return last + max_range_uj - first
 
 
-class RaplMeter(EnergyMeter):
+class RaplMeter(CounterMeter):
     """Energy of the chosen RAPL zones as counter differences."""
 
     name = "rapl"
@@ -111,13 +111,6 @@ class RaplMeter(EnergyMeter):
         except (OSError, ValueError) as exc:
             log.warning("rapl: energy counter read failed: %s", exc)
             return None
-
-    def start(self) -> tuple[float, tuple[int, ...] | None]:
-        return time.monotonic(), self._read()
-
-    def stop(self, mark: tuple[float, tuple[int, ...] | None]) -> EnergyRecord:
-        record, _ = self.split(mark)
-        return record
 
     def split(self, mark: tuple[float, tuple[int, ...] | None]) -> tuple[EnergyRecord, tuple[float, tuple[int, ...] | None]]:
         started, first = mark
