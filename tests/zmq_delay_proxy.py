@@ -21,39 +21,23 @@ from collections import deque
 import msgpack
 import zmq
 
+from zmq_proxy import LoopbackProxy
 
-class DelayProxy:
+
+class DelayProxy(LoopbackProxy):
     """Run the proxy in a thread; use as a context manager to stop it and close its sockets."""
+
+    thread_name = "delay-proxy"
 
     def __init__(self, agent_endpoint: str, hold_step: int | None = None, max_hold_s: float = 30.0,
                  release_on_next_step: bool = True):
+        super().__init__(agent_endpoint)
         self.hold_step = hold_step
         self.max_hold_s = max_hold_s
         self.release_on_next_step = release_on_next_step
         self.held_replies: list[int] = []       # step numbers of replies that were held
-        self._context = zmq.Context()
-        self._frontend = self._context.socket(zmq.ROUTER)
-        self._frontend.setsockopt(zmq.LINGER, 0)
-        self._frontend.bind("tcp://127.0.0.1:0")
-        self.endpoint = self._frontend.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._backend = self._context.socket(zmq.DEALER)
-        self._backend.setsockopt(zmq.LINGER, 0)
-        self._backend.connect(agent_endpoint)
-        self._stop = threading.Event()
         self._release = threading.Event()
         self._released = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="delay-proxy", daemon=True)
-
-    def __enter__(self) -> DelayProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._frontend.close(linger=0)
-        self._backend.close(linger=0)
-        self._context.term()
 
     def release(self, timeout_s: float = 5.0) -> None:
         """Forward the held reply now, and return once the proxy has sent it on."""

@@ -8,40 +8,23 @@ agent's reply into a malformed one (a wrong dtype, a NaN) at a chosen step.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import msgpack
 import zmq
 
+from zmq_proxy import LoopbackProxy
 
-class RewriteProxy:
+
+class RewriteProxy(LoopbackProxy):
     """Run the proxy in a thread; use as a context manager to stop it and close its sockets."""
 
+    thread_name = "rewrite-proxy"
+
     def __init__(self, agent_endpoint: str, rewrite: Callable[[dict], dict]):
+        super().__init__(agent_endpoint)
         self.rewrite = rewrite
         self.rewritten = 0                    # replies that `rewrite` changed
-        self._context = zmq.Context()
-        self._frontend = self._context.socket(zmq.ROUTER)
-        self._frontend.setsockopt(zmq.LINGER, 0)
-        self._frontend.bind("tcp://127.0.0.1:0")
-        self.endpoint = self._frontend.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._backend = self._context.socket(zmq.DEALER)
-        self._backend.setsockopt(zmq.LINGER, 0)
-        self._backend.connect(agent_endpoint)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rewrite-proxy", daemon=True)
-
-    def __enter__(self) -> RewriteProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._frontend.close(linger=0)
-        self._backend.close(linger=0)
-        self._context.term()
 
     def _run(self) -> None:
         poller = zmq.Poller()
