@@ -5,7 +5,7 @@ The domain prompts are `models/demo/prompts/*.txt` when the offline pipeline
 (`moe2 cluster`) has written them, otherwise a few short built-in ones. The agents run
 as `moe2-agent` processes on 127.0.0.1 with free ports. The trained gate
 `models/demo/gate.onnx` is used when it and the exported embedder
-(`models/cache/embedder/`) exist and the gate knows the experts. Otherwise the gate
+(`models/cache/embedder/`) exist and the gate was trained on these experts. Otherwise the gate
 values are uniform, and the demo prints why.
 
 The demo prints its own progress lines on stderr, so it shows the coordinator's and
